@@ -1,0 +1,21 @@
+"""The built-in phone agent: a Gemini native-audio live model with a phone manner."""
+
+from __future__ import annotations
+
+from google.adk.agents import LlmAgent
+from google.adk.apps import App
+
+__all__ = ["PHONE_INSTRUCTION", "gemini_app"]
+
+PHONE_INSTRUCTION = """\
+You are a friendly, efficient assistant answering a phone call.
+Speak the way people speak on the phone: short sentences, one idea at a time, no lists,
+no markdown, no emoji, and never read out URLs or long numbers unless asked.
+Start by greeting the caller in one short sentence and asking how you can help.
+If you did not catch something, say so and ask again. If the caller interrupts you, stop
+and listen. Keep answers brief unless the caller asks for detail."""
+
+
+def gemini_app(model: str) -> App:
+    agent = LlmAgent(name="phone_agent", model=model, instruction=PHONE_INSTRUCTION)
+    return App(name="phone_agent", root_agent=agent)

@@ -1,0 +1,177 @@
+"""The Quart application: Twilio's voice webhook, the Media Streams WebSocket, and health."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from google.adk.runners import Runner
+from google.adk.sessions.sqlite_session_service import SqliteSessionService
+from quart import Quart, Response, request, websocket
+
+from .agents import AgentSpec, load_agent
+from .bridge import Call, CallInfo, CallOptions
+from .media_stream import Connected, ProtocolError, Start, parse
+from .registry import CallRegistry
+from .security import SignatureChecker, websocket_url
+from .settings import Settings
+from .twiml import connect_stream
+
+__all__ = ["STREAM_PATH", "create_app"]
+
+log = logging.getLogger(__name__)
+
+STREAM_PATH = "/stream"
+MAX_FRAME_BYTES = 64 * 1024
+"""A 20 ms media frame is about 300 bytes of JSON; anything this large is not Twilio."""
+
+
+def create_app(settings: Settings, spec: AgentSpec | None = None) -> Quart:
+    spec = spec or load_agent(settings.agent, settings)
+    runner = Runner(
+        app=spec.app,
+        session_service=SqliteSessionService(settings.session_db),
+        auto_create_session=True,
+    )
+    options = CallOptions(
+        playback_lead_ms=settings.playback_lead_ms,
+        barge_in_aggressiveness=settings.barge_in_aggressiveness,
+        barge_in_frames=settings.barge_in_frames,
+        caller_silence_ms=settings.caller_silence_ms,
+        greeting=spec.greeting,
+    )
+    calls = CallRegistry(
+        lambda info: Call(info, runner=runner, run_config=spec.run_config, options=options),
+        connect_timeout_s=settings.stream_connect_timeout_s,
+    )
+    app = Quart(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = 64 * 1024
+    app.extensions["telephony.calls"] = calls
+    app.extensions["telephony.runner"] = runner
+
+    def public_base() -> str:
+        return settings.public_url.rstrip("/") or f"{request.scheme}://{request.host}"
+
+    def checker(base: str) -> SignatureChecker | None:
+        if not settings.twilio_auth_token:
+            return None
+        return SignatureChecker(settings.twilio_auth_token, base)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, object]:
+        return {"status": "ok", "active_calls": len(calls)}
+
+    @app.post("/voice")
+    async def voice() -> Response | tuple[str, int]:
+        form = (await request.form).to_dict()
+        base = public_base()
+        signatures = checker(base)
+        if signatures is not None:
+            reason = signatures.check_webhook(
+                request.path,
+                request.query_string.decode(),
+                form,
+                request.headers.get("X-Twilio-Signature"),
+            )
+            if reason:
+                log.warning("webhook %s rejected (403): %s", form.get("CallSid", "?"), reason)
+                return "invalid Twilio signature\n", 403
+        call_sid = form.get("CallSid", "")
+        if not call_sid:
+            log.warning("webhook rejected (400): no CallSid in the form")
+            return "missing CallSid\n", 400
+        info = CallInfo(call_sid, form.get("From", ""), form.get("To", ""))
+        log.info("call %s: incoming from %s to %s", call_sid, info.caller, info.callee)
+        calls.prestart(info)
+        twiml = connect_stream(
+            websocket_url(base, STREAM_PATH),
+            {"callSid": call_sid, "caller": info.caller, "callee": info.callee},
+        )
+        return Response(twiml, content_type="text/xml")
+
+    @app.websocket(STREAM_PATH)
+    async def stream() -> tuple[str, int] | None:
+        base = settings.public_url.rstrip("/") or f"http://{websocket.host}"
+        signatures = checker(base)
+        if signatures is not None:
+            reason = signatures.check_websocket(
+                websocket.path,
+                websocket.query_string.decode(),
+                websocket.headers.get("X-Twilio-Signature"),
+            )
+            if reason:
+                log.warning("media stream upgrade rejected (403): %s", reason)
+                return "invalid Twilio signature\n", 403
+        await websocket.accept()
+        await serve_stream(calls)
+        return None
+
+    @app.after_serving
+    async def shutdown() -> None:
+        await calls.close_all("server shutting down")
+
+    return app
+
+
+async def serve_stream(calls: CallRegistry) -> None:
+    """Reads one Media Stream until Twilio stops it, the socket closes or the call ends
+    (returning closes the socket, and Twilio moves on to the TwiML after <Connect>)."""
+    finished = asyncio.Event()
+    claimed: list[Call] = []
+    reader = asyncio.create_task(_read_stream(calls, claimed, finished))
+    try:
+        await finished.wait()
+    finally:
+        reader.cancel()
+        for call in claimed:
+            await call.close("media stream closed")
+
+
+async def _read_stream(calls: CallRegistry, claimed: list[Call], finished: asyncio.Event) -> None:
+    watchers: list[asyncio.Task[None]] = []
+    where = "stream"
+    try:
+        while True:
+            frame = await websocket.receive()
+            if len(frame) > MAX_FRAME_BYTES:
+                log.warning(
+                    "%s: dropped a %d-byte frame (limit %d)", where, len(frame), MAX_FRAME_BYTES
+                )
+                continue
+            try:
+                event = parse(frame)
+            except ProtocolError as exc:
+                log.warning("%s: ignored malformed message: %s", where, exc)
+                continue
+            if isinstance(event, Connected):
+                continue
+            if isinstance(event, Start):
+                if claimed:
+                    log.warning("%s: ignored a second start on the same socket", where)
+                    continue
+                params = event.custom_parameters
+                info = CallInfo(event.call_sid, params.get("caller", ""), params.get("callee", ""))
+                call = calls.claim(info)
+                claimed.append(call)
+                call.attach(event, websocket.send)
+                where = f"call {event.call_sid}"
+                watchers.append(asyncio.create_task(_set_when(call.done, finished)))
+                continue
+            if not claimed:
+                log.warning("stream: ignored %s before start", type(event).__name__.lower())
+                continue
+            if event.stream_sid != claimed[0].stream_sid:
+                log.warning("%s: ignored a message for stream %s", where, event.stream_sid)
+                continue
+            await claimed[0].handle(event)
+            if claimed[0].done.is_set():
+                return
+    finally:
+        for watcher in watchers:
+            watcher.cancel()
+        finished.set()
+
+
+async def _set_when(source: asyncio.Event, target: asyncio.Event) -> None:
+    await source.wait()
+    target.set()

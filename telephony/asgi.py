@@ -1,0 +1,17 @@
+"""ASGI entry point for hypercorn (see Procfile): configuration comes from the environment."""
+
+from __future__ import annotations
+
+import logging
+
+from dotenv import load_dotenv
+
+from .app import create_app
+from .settings import Settings
+
+load_dotenv()
+settings = Settings.from_env()
+logging.basicConfig(
+    level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+)
+app = create_app(settings)

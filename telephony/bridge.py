@@ -1,0 +1,259 @@
+"""One phone call bridged to one ADK live session: the only place Twilio, audio and ADK meet.
+
+A `Call` owns three tasks (the model event pump, the paced player, the caller-silence watch)
+and ends them all in `close()`. Caller audio flows synchronously from `handle()` into the
+LiveRequestQueue; agent audio flows from the pump into the player, never awaiting the socket,
+because ADK hands events over through a queue of one and a slow consumer stalls the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from google.adk.agents.live_request_queue import LiveRequestQueue
+from google.adk.agents.run_config import RunConfig
+from google.adk.events import Event
+from google.adk.runners import Runner
+from google.genai import types
+
+from .audio import InboundConverter, OutboundConverter
+from .media_stream import Dtmf, InboundEvent, Mark, Media, Start, Stop
+from .playback import Player, UnknownMark
+from .vad import SpeechStart, VoiceActivityDetector
+
+__all__ = ["Call", "CallInfo", "CallOptions"]
+
+log = logging.getLogger(__name__)
+
+AGENT_AUDIO_MIME = "audio/pcm;rate=24000"
+CALLER_AUDIO_MIME = "audio/pcm;rate=16000"
+CLOSE_GRACE_S = 3.0
+"""How long the live session gets to wind down after the queue is closed before it is cancelled."""
+
+
+@dataclass(frozen=True)
+class CallInfo:
+    call_sid: str
+    caller: str
+    callee: str
+
+
+@dataclass(frozen=True)
+class CallOptions:
+    playback_lead_ms: int = 400
+    barge_in_aggressiveness: int = 3
+    barge_in_frames: int = 4
+    caller_silence_ms: int = 1000
+    greeting: str | None = None
+
+
+class Call:
+    """A live conversation between one caller and the agent."""
+
+    def __init__(
+        self,
+        info: CallInfo,
+        *,
+        runner: Runner,
+        run_config: RunConfig,
+        options: CallOptions,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.info = info
+        self._runner = runner
+        self._run_config = run_config
+        self._options = options
+        self._clock = clock
+        self.live_queue = LiveRequestQueue()
+        self._inbound = InboundConverter()
+        self._outbound = OutboundConverter()
+        self._vad = VoiceActivityDetector(
+            aggressiveness=options.barge_in_aggressiveness, start_frames=options.barge_in_frames
+        )
+        self.player = Player(lead_ms=options.playback_lead_ms, clock=clock)
+        self.stream_sid = ""
+        self.done = asyncio.Event()
+        """Set once the call is over, whoever ended it; the socket handler then hangs up."""
+        self.end_reason = ""
+        self._generating = False
+        self._discarding = False
+        self._last_media = clock()
+        self._caller_audio_ended = False
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closing: asyncio.Task[None] | None = None
+        self.barge_ins = 0
+
+    def _log(self, message: str, *args: object, level: int = logging.INFO) -> None:
+        log.log(level, "call %s: " + message, self.info.call_sid, *args)
+
+    def start(self) -> None:
+        """Opens the live session now, before the media stream exists, so the greeting is ready
+        by the time the caller can hear it."""
+        if self._tasks:
+            return
+        self._log("live session starting (caller %s)", self.info.caller or "unknown")
+        self._tasks = [
+            asyncio.create_task(self._pump(), name=f"pump-{self.info.call_sid}"),
+            asyncio.create_task(self.player.run(), name=f"player-{self.info.call_sid}"),
+            asyncio.create_task(self._watch_caller(), name=f"watch-{self.info.call_sid}"),
+        ]
+        for task in self._tasks:
+            task.add_done_callback(self._task_ended)
+        if self._options.greeting:
+            self.live_queue.send_content(
+                types.Content(role="user", parts=[types.Part(text=self._options.greeting)])
+            )
+
+    def attach(self, start: Start, send: Callable[[str], Awaitable[None]]) -> None:
+        self.stream_sid = start.stream_sid
+        self._last_media = self._clock()
+        self.player.attach(start.stream_sid, send)
+        self._log("media stream %s attached", start.stream_sid)
+
+    async def handle(self, event: InboundEvent) -> None:
+        """One message from Twilio, in order."""
+        if isinstance(event, Media):
+            if self._on_media(event.payload):
+                await self._barge_in("caller speech")
+        elif isinstance(event, Mark):
+            try:
+                self.player.on_mark(event.name)
+            except UnknownMark as exc:
+                self._log("ignored mark: %s", exc, level=logging.WARNING)
+        elif isinstance(event, Dtmf):
+            self._log("caller pressed %s", event.digit)
+            self.live_queue.send_content(
+                types.Content(
+                    role="user",
+                    parts=[types.Part(text=f"(The caller pressed {event.digit} on the keypad.)")],
+                )
+            )
+        elif isinstance(event, Stop):
+            await self.close("caller hung up (stop)")
+
+    def _on_media(self, mulaw: bytes) -> bool:
+        """Caller audio to the model; True when the caller just started talking over the agent."""
+        pcm = self._inbound.convert(mulaw)
+        self.live_queue.send_realtime(types.Blob(data=pcm, mime_type=CALLER_AUDIO_MIME))
+        self._last_media = self._clock()
+        self._caller_audio_ended = False
+        onsets = [e for e in self._vad.feed(pcm) if isinstance(e, SpeechStart)]
+        return bool(onsets) and self.player.busy()
+
+    async def _barge_in(self, source: str) -> None:
+        """Cut the agent off: nothing of the interrupted turn reaches the caller any more."""
+        if self._generating:
+            self._discarding = True
+        self._outbound = OutboundConverter()
+        if await self.player.clear():
+            self.barge_ins += 1
+            self._log("barge-in (%s): cleared playback", source)
+
+    async def _watch_caller(self) -> None:
+        """Twilio normally streams 20 ms every 20 ms; when the caller's frames stop, tell the
+        model the audio ended so it does not wait for silence that will never arrive."""
+        period = self._options.caller_silence_ms / 4000
+        while True:
+            await asyncio.sleep(period)
+            if (
+                self.stream_sid
+                and not self._caller_audio_ended
+                and (self._clock() - self._last_media) * 1000 >= self._options.caller_silence_ms
+            ):
+                self._caller_audio_ended = True
+                self._vad.end_of_stream()
+                self.live_queue.send_audio_stream_end()
+                self._log("caller audio stopped; sent audio_stream_end")
+
+    async def _pump(self) -> None:
+        try:
+            async for event in self._runner.run_live(
+                user_id=self.info.caller or "unknown",
+                session_id=self.info.call_sid,
+                live_request_queue=self.live_queue,
+                run_config=self._run_config,
+            ):
+                await self._on_model_event(event)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._log("live session failed: %r", exc, level=logging.ERROR)
+            self._finish(f"live session failed: {type(exc).__name__}")
+        else:
+            self._finish("live session ended")
+
+    async def _on_model_event(self, event: Event) -> None:
+        if event.content and event.content.parts:
+            for part in event.content.parts:
+                blob = part.inline_data
+                if blob and blob.data and (blob.mime_type or "").startswith("audio/pcm"):
+                    self._on_agent_audio(blob.data, blob.mime_type or "")
+        if event.input_transcription and event.input_transcription.finished:
+            self._log("caller said: %s", event.input_transcription.text or "")
+        if event.output_transcription and event.output_transcription.finished:
+            self._log("agent said: %s", event.output_transcription.text or "")
+        if event.interrupted:
+            await self._barge_in("model interrupted")
+            self._end_turn()
+        elif event.turn_complete:
+            self._end_turn()
+
+    def _on_agent_audio(self, pcm: bytes, mime_type: str) -> None:
+        if self._discarding:
+            return
+        if mime_type.replace(" ", "") != AGENT_AUDIO_MIME:
+            self._log("dropped agent audio in unexpected format %s", mime_type, level=logging.ERROR)
+            return
+        self._generating = True
+        self.player.enqueue(self._outbound.convert(pcm))
+
+    def _end_turn(self) -> None:
+        self._generating = False
+        self._discarding = False
+
+    def _task_ended(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        self._log("task %s failed: %r", task.get_name(), task.exception(), level=logging.ERROR)
+        self._finish(f"internal error in {task.get_name()}")
+
+    def _finish(self, reason: str) -> None:
+        if not self.end_reason:
+            self.end_reason = reason
+        self.done.set()
+
+    async def close(self, reason: str) -> None:
+        """Ends the call and everything it owns; safe to call any number of times."""
+        self._finish(reason)
+        if self._closing is None:
+            self._closing = asyncio.create_task(self._shutdown())
+        await asyncio.shield(self._closing)
+
+    async def _shutdown(self) -> None:
+        self.live_queue.close()
+        if not self._tasks:
+            return
+        pump, *others = self._tasks
+        for task in others:
+            task.cancel()
+        try:
+            await asyncio.wait_for(pump, CLOSE_GRACE_S)
+        except (TimeoutError, asyncio.CancelledError):
+            self._log("live session did not end within %.0f s; cancelled", CLOSE_GRACE_S)
+        except Exception as exc:
+            self._log("live session ended with %r", exc, level=logging.WARNING)
+        await asyncio.gather(*others, return_exceptions=True)
+        ledger = self.player.ledger
+        self._log(
+            "ended: %s; agent audio sent %.1f s, barge-ins %d, marks sent %d played %d cleared %d",
+            self.end_reason,
+            ledger.sent_bytes / 8000,
+            self.barge_ins,
+            ledger.marks_sent,
+            ledger.marks_played,
+            ledger.marks_cleared,
+        )

@@ -1,0 +1,90 @@
+"""`telephony serve [AGENT]`: run the phone server under hypercorn."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+from dotenv import load_dotenv
+
+from .agents import AgentLoadError
+from .settings import Settings, SettingsError
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="telephony", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="answer Twilio calls with an ADK agent")
+    serve.add_argument(
+        "agent",
+        nargs="?",
+        default=None,
+        help="`echo` (offline), an agent folder in the `adk web` layout, "
+        "or nothing for the built-in Gemini agent",
+    )
+    serve.add_argument("--host", help="address to listen on (TELEPHONY_HOST, default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to listen on (TELEPHONY_PORT, default 8080)")
+    serve.add_argument(
+        "--public-url", help="https://host Twilio reaches this server at (TELEPHONY_PUBLIC_URL)"
+    )
+    serve.add_argument("--session-db", help="SQLite file for sessions (TELEPHONY_SESSION_DB)")
+    serve.add_argument("--model", help="Gemini live model for the built-in agent (TELEPHONY_MODEL)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    load_dotenv()
+    try:
+        settings = Settings.from_env(
+            agent=args.agent,
+            host=args.host,
+            port=args.port,
+            public_url=args.public_url,
+            session_db=args.session_db,
+            model=args.model,
+        )
+    except SettingsError as exc:
+        print(f"telephony: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    from .app import create_app
+
+    try:
+        app = create_app(settings)
+    except AgentLoadError as exc:
+        print(f"telephony: {exc}", file=sys.stderr)
+        return 2
+    asyncio.run(_serve(app, settings))
+    return 0
+
+
+async def _serve(app: object, settings: Settings) -> None:
+    from hypercorn.asyncio import serve
+    from hypercorn.config import Config
+
+    config = Config()
+    config.bind = [f"{settings.host}:{settings.port}"]
+    config.accesslog = None
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    logging.getLogger(__name__).info(
+        "serving %s on http://%s:%d (webhook /voice)",
+        settings.agent or "the built-in Gemini agent",
+        settings.host,
+        settings.port,
+    )
+    await serve(app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""Agent audio on its way to the caller: what Twilio still holds unplayed, and the paced sender.
+
+Twilio plays what we send at 8,000 bytes per second and echoes each `mark` once the audio
+before it has played, or at once when a `clear` empties its buffer. `PlaybackLedger` (pure)
+turns that into "how much is still unplayed right now"; `Player` (one task per call) sends
+agent audio only a short lead ahead of the caller's ear, so a barge-in has little to clear.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+
+from .media_stream import clear_message, mark_message, media_message
+
+__all__ = ["PlaybackLedger", "Player"]
+
+BYTES_PER_SECOND = 8000
+MAX_MESSAGE_BYTES = 1600
+"""Agent audio goes out in messages of at most 200 ms, so pacing stays fine-grained."""
+
+log = logging.getLogger(__name__)
+
+
+class UnknownMark(ValueError):
+    """Twilio echoed a mark we never sent (or echoed one twice)."""
+
+
+class PlaybackLedger:
+    """Accounting of agent audio between us and the caller's ear. Times are monotonic seconds."""
+
+    def __init__(self) -> None:
+        self.sent_bytes = 0
+        self._playout_end = 0.0
+        self._pending: dict[str, int] = {}
+        self._cleared: set[str] = set()
+        self.marks_sent = 0
+        self.marks_played = 0
+        self.marks_cleared = 0
+
+    def sent(self, nbytes: int, now: float) -> None:
+        self._playout_end = max(now, self._playout_end) + nbytes / BYTES_PER_SECOND
+        self.sent_bytes += nbytes
+
+    def mark_sent(self, name: str) -> None:
+        self._pending[name] = self.sent_bytes
+        self.marks_sent += 1
+
+    def mark_echoed(self, name: str, now: float) -> bool:
+        """True when the audio before the mark was heard, False when a clear discarded it."""
+        if name in self._cleared:
+            self._cleared.discard(name)
+            self.marks_cleared += 1
+            return False
+        position = self._pending.pop(name, None)
+        if position is None:
+            raise UnknownMark(f"mark {name!r:.60} was not sent or was already echoed")
+        self.marks_played += 1
+        # The echo pins down Twilio's play position exactly: re-anchor the estimate on it.
+        self._playout_end = now + (self.sent_bytes - position) / BYTES_PER_SECOND
+        return True
+
+    def cleared(self, now: float) -> None:
+        self._cleared.update(self._pending)
+        self._pending.clear()
+        self._playout_end = now
+
+    def unplayed_ms(self, now: float) -> float:
+        return max(0.0, self._playout_end - now) * 1000
+
+    @property
+    def pending_marks(self) -> int:
+        return len(self._pending) + len(self._cleared)
+
+
+class Player:
+    """Paces agent audio to Twilio and clears it on barge-in. Owns one task, `run()`."""
+
+    def __init__(self, *, lead_ms: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.ledger = PlaybackLedger()
+        self._lead = lead_ms / 1000
+        self._clock = clock
+        self._queue: deque[bytes] = deque()
+        self._wake = asyncio.Event()
+        self._send: Callable[[str], Awaitable[None]] | None = None
+        self._stream_sid = ""
+        self._mark_seq = 0
+        self.dropped_bytes = 0
+        self.clears = 0
+
+    def attach(self, stream_sid: str, send: Callable[[str], Awaitable[None]]) -> None:
+        """The media stream is up: audio queued before it (the greeting) can now flow."""
+        self._stream_sid = stream_sid
+        self._send = send
+        self._wake.set()
+
+    def enqueue(self, mulaw: bytes) -> None:
+        for i in range(0, len(mulaw), MAX_MESSAGE_BYTES):
+            self._queue.append(mulaw[i : i + MAX_MESSAGE_BYTES])
+        self._wake.set()
+
+    @property
+    def queued_bytes(self) -> int:
+        return sum(map(len, self._queue))
+
+    def busy(self) -> bool:
+        """Agent audio is waiting to be sent or still playing at the caller's end."""
+        return bool(self._queue) or self.ledger.unplayed_ms(self._clock()) > 0
+
+    async def clear(self) -> bool:
+        """Drop every unsent byte and empty Twilio's buffer; False when nothing was pending."""
+        dropped = self.queued_bytes
+        self._queue.clear()
+        self.dropped_bytes += dropped
+        if self._send is None or self.ledger.unplayed_ms(self._clock()) <= 0:
+            return dropped > 0
+        self.ledger.cleared(self._clock())
+        self.clears += 1
+        await self._send(clear_message(self._stream_sid))
+        return True
+
+    def on_mark(self, name: str) -> bool:
+        return self.ledger.mark_echoed(name, self._clock())
+
+    async def run(self) -> None:
+        while True:
+            if not self._queue or self._send is None:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            ahead = self.ledger.unplayed_ms(self._clock()) / 1000 - self._lead
+            if ahead > 0:
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), ahead)
+                except TimeoutError:
+                    pass
+                continue
+            chunk = self._queue.popleft()
+            self._mark_seq += 1
+            name = str(self._mark_seq)
+            self.ledger.sent(len(chunk), self._clock())
+            self.ledger.mark_sent(name)
+            await self._send(media_message(self._stream_sid, chunk))
+            await self._send(mark_message(self._stream_sid, name))

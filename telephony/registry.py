@@ -1,0 +1,90 @@
+"""The calls this process is serving, keyed by call SID.
+
+The webhook pre-starts a call (so its live session warms up while Twilio opens the stream);
+the media stream then claims it. A pre-started call whose stream never arrives is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from .bridge import Call, CallInfo
+
+__all__ = ["CallRegistry"]
+
+log = logging.getLogger(__name__)
+
+
+class CallRegistry:
+    def __init__(self, factory: Callable[[CallInfo], Call], *, connect_timeout_s: float) -> None:
+        self._factory = factory
+        self._timeout = connect_timeout_s
+        self._calls: dict[str, Call] = {}
+        self._attached: set[str] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def __len__(self) -> int:
+        return len(self._calls)
+
+    def get(self, call_sid: str) -> Call | None:
+        return self._calls.get(call_sid)
+
+    def prestart(self, info: CallInfo) -> Call:
+        """Called by the webhook: start the live session before the stream exists."""
+        call = self._calls.get(info.call_sid)
+        if call is not None:
+            return call
+        call = self._new(info)
+        asyncio.get_running_loop().call_later(self._timeout, self._expire, call)
+        return call
+
+    def claim(self, info: CallInfo) -> Call:
+        """Called when a media stream starts: the pre-started call, or a fresh one. A second
+        stream for a call that already has one replaces it (Twilio reconnected)."""
+        call = self._calls.get(info.call_sid)
+        if call is not None and info.call_sid in self._attached:
+            log.warning("call %s: a second media stream replaces the first", info.call_sid)
+            self._spawn(call.close("replaced by a new media stream"))
+            self._forget(call)
+            call = None
+        if call is None:
+            call = self._new(info)
+        self._attached.add(info.call_sid)
+        return call
+
+    def _new(self, info: CallInfo) -> Call:
+        call = self._factory(info)
+        self._calls[info.call_sid] = call
+        call.start()
+        self._spawn(self._reap(call))
+        return call
+
+    async def _reap(self, call: Call) -> None:
+        await call.done.wait()
+        await call.close(call.end_reason)
+        self._forget(call)
+
+    def _forget(self, call: Call) -> None:
+        if self._calls.get(call.info.call_sid) is call:
+            del self._calls[call.info.call_sid]
+            self._attached.discard(call.info.call_sid)
+
+    def _expire(self, call: Call) -> None:
+        if self._calls.get(call.info.call_sid) is call and call.info.call_sid not in self._attached:
+            log.warning(
+                "call %s: no media stream within %.0f s; ending it",
+                call.info.call_sid,
+                self._timeout,
+            )
+            self._spawn(call.close("media stream never connected"))
+
+    def _spawn(self, coro: object) -> None:
+        task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close_all(self, reason: str) -> None:
+        await asyncio.gather(*(call.close(reason) for call in list(self._calls.values())))
+        await asyncio.gather(*self._tasks, return_exceptions=True)

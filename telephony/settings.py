@@ -1,0 +1,99 @@
+"""Configuration from environment variables (and a `.env` file), validated once at start-up."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from urllib.parse import urlsplit
+
+__all__ = ["DEFAULT_MODEL", "Settings", "SettingsError"]
+
+DEFAULT_MODEL = "gemini-2.5-flash-native-audio-preview-12-2025"
+DEFAULT_GREETING = "(The phone call has just connected. Greet the caller briefly.)"
+
+
+class SettingsError(ValueError):
+    """A configuration value that cannot be used; the message names the variable."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob of the server. Field `x_y` is read from environment variable `TELEPHONY_X_Y`,
+    except the Twilio ones, which use Twilio's own names."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    public_url: str = ""
+    """Base URL Twilio reaches us at (https://...); signatures and the stream URL use it."""
+    twilio_auth_token: str = ""
+    agent: str = ""
+    """`echo`, an agent folder (adk web layout), or empty for the built-in Gemini agent."""
+    model: str = DEFAULT_MODEL
+    voice: str = ""
+    language: str = ""
+    greeting: str = DEFAULT_GREETING
+    session_db: str = "telephony_sessions.db"
+    playback_lead_ms: int = 400
+    """How far ahead of the caller's ear we let Twilio buffer agent audio."""
+    barge_in_aggressiveness: int = 3
+    barge_in_frames: int = 4
+    """20 ms speech frames (out of the last 6) that count as the caller talking over the agent."""
+    caller_silence_ms: int = 1000
+    """No media from the caller for this long ends the caller's audio stream for the model."""
+    stream_connect_timeout_s: float = 30.0
+    """A call answered by the webhook whose media stream never arrives is dropped after this."""
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
+        env = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        for f in fields(cls):
+            name = (
+                f.name.upper() if f.name == "twilio_auth_token" else f"TELEPHONY_{f.name.upper()}"
+            )
+            if name in env:
+                values[f.name] = _coerce(name, env[name], type(f.default))
+        if "PORT" in env and "TELEPHONY_PORT" not in env:
+            values["port"] = _coerce("PORT", env["PORT"], int)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        settings = cls(**values)  # type: ignore[arg-type]
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        if self.public_url:
+            parts = urlsplit(self.public_url)
+            if parts.scheme not in ("https", "http") or not parts.netloc:
+                raise SettingsError(
+                    f"TELEPHONY_PUBLIC_URL must look like https://host, got {self.public_url!r}"
+                )
+            if parts.path not in ("", "/") or parts.query:
+                raise SettingsError(
+                    "TELEPHONY_PUBLIC_URL must be a bare origin (no path, no query)"
+                )
+        if not 0 < self.port < 65536:
+            raise SettingsError(f"TELEPHONY_PORT must be 1-65535, got {self.port}")
+        if not 0 <= self.barge_in_aggressiveness <= 3:
+            raise SettingsError("TELEPHONY_BARGE_IN_AGGRESSIVENESS must be 0-3")
+        if not 1 <= self.barge_in_frames <= 6:
+            raise SettingsError("TELEPHONY_BARGE_IN_FRAMES must be 1-6")
+        if self.playback_lead_ms < 40:
+            raise SettingsError("TELEPHONY_PLAYBACK_LEAD_MS must be at least 40")
+
+    @property
+    def public_base(self) -> str:
+        """The public origin, or the local address when none is configured."""
+        return self.public_url.rstrip("/") or f"http://{self.host}:{self.port}"
+
+
+def _coerce(name: str, raw: str, kind: type) -> object:
+    try:
+        if kind is int:
+            return int(raw)
+        if kind is float:
+            return float(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be a number, got {raw!r}") from None
+    return raw

@@ -1,0 +1,31 @@
+"""TwiML answers for the voice webhook, built with the twilio package."""
+
+from __future__ import annotations
+
+from twilio.twiml.voice_response import Connect, Stream, VoiceResponse
+
+__all__ = ["connect_stream", "unavailable"]
+
+
+def connect_stream(stream_url: str, parameters: dict[str, str]) -> str:
+    """`<Connect><Stream>`: a bidirectional Media Stream; per-call values ride as <Parameter>s
+    because Twilio strips the query string from the stream URL."""
+    if not stream_url.startswith("wss://") and not stream_url.startswith("ws://"):
+        raise ValueError(f"stream URL must be wss:// (ws:// only on loopback), got {stream_url!r}")
+    stream = Stream(url=stream_url)
+    for name, value in parameters.items():
+        if value:
+            stream.parameter(name=name, value=value)
+    connect = Connect()
+    connect.append(stream)
+    response = VoiceResponse()
+    response.append(connect)
+    return str(response)
+
+
+def unavailable(message: str) -> str:
+    """A polite spoken refusal followed by a hang-up."""
+    response = VoiceResponse()
+    response.say(message)
+    response.hangup()
+    return str(response)
