@@ -111,7 +111,7 @@ def _to_int16(y: np.ndarray) -> np.ndarray:
 # 8 kHz -> 16 kHz: passband to 3.4 kHz, images from 4.6 kHz down >= 80 dB.
 _UP2 = _kaiser_lowpass(75, 4000 / 16000, 88, gain=2.0)
 # 24 kHz -> 8 kHz: passband to 3.4 kHz, everything that would alias (>= 4 kHz) down >= 80 dB.
-_DOWN3 = _kaiser_lowpass(213, 3700 / 24000, 88, gain=1.0)
+_DOWN3 = _kaiser_lowpass(231, 3700 / 24000, 86, gain=1.0)
 # 16 kHz -> 24 kHz (the simulated model's echo): passband to 7 kHz.
 _UP3_DOWN2 = _kaiser_lowpass(145, 7600 / 48000, 80, gain=3.0)
 
@@ -123,12 +123,12 @@ class InboundConverter:
     OUT_RATE = 16000
 
     def __init__(self) -> None:
-        self._resampler = Resampler(2, 1, _UP2)
-        self.delay_ms = 1000 * self._resampler.delay_samples_in / self.IN_RATE
+        self.resampler = Resampler(2, 1, _UP2)
+        self.delay_ms = 1000 * self.resampler.delay_samples_in / self.IN_RATE
 
     def convert(self, mulaw_8k: bytes) -> bytes:
         x = _DECODE_F.take(np.frombuffer(mulaw_8k, np.uint8))
-        return _to_int16(self._resampler.process(x)).tobytes()
+        return _to_int16(self.resampler.process(x)).tobytes()
 
 
 class OutboundConverter:
@@ -138,9 +138,9 @@ class OutboundConverter:
     OUT_RATE = 8000
 
     def __init__(self) -> None:
-        self._resampler = Resampler(1, 3, _DOWN3)
+        self.resampler = Resampler(1, 3, _DOWN3)
         self._odd = b""
-        self.delay_ms = 1000 * self._resampler.delay_samples_in / self.IN_RATE
+        self.delay_ms = 1000 * self.resampler.delay_samples_in / self.IN_RATE
 
     def convert(self, pcm16_24k: bytes) -> bytes:
         if self._odd:
@@ -148,7 +148,7 @@ class OutboundConverter:
         usable = len(pcm16_24k) & ~1
         self._odd = pcm16_24k[usable:]
         x = np.frombuffer(pcm16_24k, "<i2", count=usable // 2)
-        y = _to_int16(self._resampler.process(x))
+        y = _to_int16(self.resampler.process(x))
         return _ENCODE[y.view(np.uint16)].tobytes()
 
 
@@ -158,7 +158,7 @@ class PcmResampler:
     def __init__(self, up: int = 3, down: int = 2) -> None:
         if (up, down) != (3, 2):
             raise ValueError(f"only 16 kHz -> 24 kHz (3/2) is built in, not {up}/{down}")
-        self._resampler = Resampler(up, down, _UP3_DOWN2)
+        self.resampler = Resampler(up, down, _UP3_DOWN2)
         self._odd = b""
 
     def convert(self, pcm16: bytes) -> bytes:
@@ -167,4 +167,4 @@ class PcmResampler:
         usable = len(pcm16) & ~1
         self._odd = pcm16[usable:]
         x = np.frombuffer(pcm16, "<i2", count=usable // 2)
-        return _to_int16(self._resampler.process(x)).tobytes()
+        return _to_int16(self.resampler.process(x)).tobytes()

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
+import numpy as np
 import webrtcvad
 
 __all__ = ["SpeechEnd", "SpeechStart", "VoiceActivityDetector"]
@@ -18,6 +19,8 @@ __all__ = ["SpeechEnd", "SpeechStart", "VoiceActivityDetector"]
 SAMPLE_RATE = 16000
 FRAME_MS = 20
 FRAME_BYTES = SAMPLE_RATE * FRAME_MS // 1000 * 2
+FLOOR_RISE = 10 ** (0.05 / 10)
+"""The noise floor follows quieter frames at once and louder ones by 0.05 dB a frame (2.5 dB/s)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +45,8 @@ class VoiceActivityDetector:
         start_frames: int = 4,
         window: int = 6,
         end_ms: int = 600,
+        min_snr_db: float = 12.0,
+        warmup_ms: int = 200,
     ) -> None:
         if not 0 <= aggressiveness <= 3:
             raise ValueError(f"aggressiveness must be 0-3, got {aggressiveness}")
@@ -54,6 +59,9 @@ class VoiceActivityDetector:
         self._pending = b""
         self._frames = 0
         self._silent_run = 0
+        self._min_ratio = 10 ** (min_snr_db / 10)
+        self._floor = 0.0
+        self._warmup_frames = warmup_ms // FRAME_MS
         self.speaking = False
 
     @property
@@ -67,11 +75,16 @@ class VoiceActivityDetector:
         self._pending = data[usable:]
         events: list[SpeechStart | SpeechEnd] = []
         for i in range(0, usable, FRAME_BYTES):
-            is_speech = self._vad.is_speech(data[i : i + FRAME_BYTES], SAMPLE_RATE)
+            frame = data[i : i + FRAME_BYTES]
+            is_speech = self._is_speech(frame)
             self._frames += 1
             self._recent.append(is_speech)
             if not self.speaking:
-                if is_speech and sum(self._recent) >= self._start_frames:
+                if (
+                    is_speech
+                    and sum(self._recent) >= self._start_frames
+                    and self._frames > self._warmup_frames
+                ):
                     self.speaking = True
                     self._silent_run = 0
                     first = len(self._recent) - list(self._recent).index(True)
@@ -85,6 +98,12 @@ class VoiceActivityDetector:
                     self._recent.clear()
                     events.append(SpeechEnd((self._frames - self._silent_run) * FRAME_MS))
         return events
+
+    def _is_speech(self, frame: bytes) -> bool:
+        samples = np.frombuffer(frame, np.int16).astype(np.float32)
+        energy = float(np.dot(samples, samples)) / len(samples) + 1.0
+        self._floor = energy if not self._floor else min(energy, self._floor * FLOOR_RISE)
+        return energy >= self._floor * self._min_ratio and self._vad.is_speech(frame, SAMPLE_RATE)
 
     def end_of_stream(self) -> SpeechEnd | None:
         """The caller's audio stopped: close an utterance in progress."""
