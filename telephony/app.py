@@ -9,7 +9,7 @@ from google.adk.runners import Runner
 from google.adk.sessions.sqlite_session_service import SqliteSessionService
 from quart import Quart, Response, request, websocket
 
-from .agents import AgentSpec, load_agent
+from .agents import AgentSpec, load_agent, warm_up
 from .bridge import Call, CallInfo, CallOptions
 from .media_stream import Connected, ProtocolError, Start, parse
 from .registry import CallRegistry
@@ -28,11 +28,8 @@ MAX_FRAME_BYTES = 64 * 1024
 
 def create_app(settings: Settings, spec: AgentSpec | None = None) -> Quart:
     spec = spec or load_agent(settings.agent, settings)
-    runner = Runner(
-        app=spec.app,
-        session_service=SqliteSessionService(settings.session_db),
-        auto_create_session=True,
-    )
+    sessions = SqliteSessionService(settings.session_db)
+    runner = Runner(app=spec.app, session_service=sessions, auto_create_session=True)
     options = CallOptions(
         playback_lead_ms=settings.playback_lead_ms,
         barge_in_aggressiveness=settings.barge_in_aggressiveness,
@@ -105,6 +102,11 @@ def create_app(settings: Settings, spec: AgentSpec | None = None) -> Quart:
         await websocket.accept()
         await serve_stream(calls)
         return None
+
+    @app.before_serving
+    async def prepare() -> None:
+        await sessions.get_session(app_name=spec.app.name, user_id="", session_id="")
+        await warm_up(spec.run_config)
 
     @app.after_serving
     async def shutdown() -> None:

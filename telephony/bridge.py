@@ -197,6 +197,7 @@ class Call:
         if event.output_transcription and event.output_transcription.finished:
             self._log("agent said: %s", event.output_transcription.text or "")
         if event.interrupted:
+            self._log("model reports the caller interrupted it")
             await self._barge_in("model interrupted")
             self._end_turn()
         elif event.turn_complete:

@@ -77,7 +77,10 @@ class PlaybackLedger:
 
 
 class Player:
-    """Paces agent audio to Twilio and clears it on barge-in. Owns one task, `run()`."""
+    """Paces agent audio to Twilio and clears it on barge-in. Owns one task, `run()`.
+
+    A message goes out whenever Twilio holds less than `lead_ms` unplayed, so it never holds
+    more than the lead plus one message (200 ms)."""
 
     def __init__(self, *, lead_ms: int, clock: Callable[[], float] = time.monotonic) -> None:
         self.ledger = PlaybackLedger()
@@ -132,10 +135,10 @@ class Player:
                 await self._wake.wait()
                 continue
             ahead = self.ledger.unplayed_ms(self._clock()) / 1000 - self._lead
-            if ahead > 0:
+            if ahead >= 0:
                 self._wake.clear()
                 try:
-                    await asyncio.wait_for(self._wake.wait(), ahead)
+                    await asyncio.wait_for(self._wake.wait(), ahead + 0.001)
                 except TimeoutError:
                     pass
                 continue

@@ -71,8 +71,10 @@ class CallLog:
 
     def heard_pcm(self, until: float | None = None) -> np.ndarray:
         """The caller's earpiece as one 8 kHz int16 timeline from the stream's start."""
-        end = until if until is not None else max(
-            (h.start + len(h.audio) / 8000 for h in self.heard), default=self.started
+        end = (
+            until
+            if until is not None
+            else max((h.start + len(h.audio) / 8000 for h in self.heard), default=self.started)
         )
         out = np.zeros(max(0, int((end - self.started) * 8000)) + 1, np.int16)
         for h in self.heard:

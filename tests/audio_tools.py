@@ -54,7 +54,11 @@ def line_noise(seconds: float, kind: str, rms: float, seed: int = 7) -> bytes:
         x = np.cumsum(rng.standard_normal(n))
         x -= np.convolve(x, np.ones(400) / 400, "same")
     elif kind == "hum":
-        x = np.sin(2 * np.pi * 60 * t) + 0.5 * np.sin(2 * np.pi * 180 * t) + 0.2 * rng.standard_normal(n)
+        x = (
+            np.sin(2 * np.pi * 60 * t)
+            + 0.5 * np.sin(2 * np.pi * 180 * t)
+            + 0.2 * rng.standard_normal(n)
+        )
     elif kind == "line":
         hum = np.sin(2 * np.pi * 50 * t) + 0.3 * np.sin(2 * np.pi * 150 * t)
         x = hum + 0.5 * rng.standard_normal(n) + 0.02 * np.cumsum(rng.standard_normal(n))

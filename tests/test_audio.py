@@ -164,7 +164,10 @@ def test_echo_resampler_keeps_speech() -> None:
     for freq in (500, 1500, 3000):
         tone = 8000 * np.sin(2 * np.pi * freq * np.arange(16000) / 16000)
         out = np.frombuffer(PcmResampler().convert(tone.astype("<i2").tobytes()), np.int16)
-        assert abs(20 * np.log10(tone_amplitude(out[2400:-2400].astype(float), freq, 24000) / 8000)) < 0.1
+        assert (
+            abs(20 * np.log10(tone_amplitude(out[2400:-2400].astype(float), freq, 24000) / 8000))
+            < 0.1
+        )
     assert np.sqrt(np.mean(y**2)) == pytest.approx(np.sqrt(np.mean(x**2)), rel=0.05)
 
 

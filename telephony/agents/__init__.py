@@ -12,7 +12,7 @@ from google.genai import types
 
 from ..settings import Settings
 
-__all__ = ["AgentLoadError", "AgentSpec", "load_agent", "phone_run_config"]
+__all__ = ["AgentLoadError", "AgentSpec", "load_agent", "phone_run_config", "warm_up"]
 
 
 class AgentLoadError(ValueError):
@@ -87,3 +87,23 @@ def _load_folder(path: Path) -> App:
     if isinstance(loaded, BaseAgent):
         return App(name=path.name, root_agent=loaded)
     raise AgentLoadError(f"{path} defines neither root_agent nor app, got {type(loaded)}")
+
+
+async def warm_up(run_config: RunConfig) -> None:
+    """Runs one throwaway offline live session so the first caller does not wait for the
+    modules ADK imports lazily on its first `run_live` (about half a second)."""
+    from google.adk.agents.live_request_queue import LiveRequestQueue
+    from google.adk.runners import Runner
+    from google.adk.sessions import InMemorySessionService
+
+    from .echo import echo_app
+
+    runner = Runner(
+        app=echo_app(), session_service=InMemorySessionService(), auto_create_session=True
+    )
+    queue = LiveRequestQueue()
+    async for _ in runner.run_live(
+        user_id="warm-up", session_id="warm-up", live_request_queue=queue, run_config=run_config
+    ):
+        queue.close()
+        break

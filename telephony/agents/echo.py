@@ -56,8 +56,9 @@ class EchoConnection(BaseLlmConnection):
         self._responses: asyncio.Queue[LlmResponse | None] = asyncio.Queue()
         self._vad = VoiceActivityDetector(end_ms=600)
         self._heard = bytearray()
+        self._heard_base = 0
+        """Stream offset (bytes) of `_heard[0]`: older audio is dropped after each utterance."""
         self._utterance_start: int | None = None
-        self._manual_activity = False
         self._generation: asyncio.Task[None] | None = None
         self._closed = False
         if greet:
@@ -72,16 +73,14 @@ class EchoConnection(BaseLlmConnection):
 
     async def send_realtime(self, blob: types.Blob) -> None:
         if isinstance(blob, types.ActivityStart):
-            self._manual_activity = True
-            self._on_speech_start(len(self._heard))
+            self._on_speech_start(self._heard_base + len(self._heard))
         elif isinstance(blob, types.ActivityEnd):
-            self._manual_activity = False
-            self._on_speech_end(len(self._heard))
+            self._on_speech_end(self._heard_base + len(self._heard))
         elif isinstance(blob, types.LiveClientRealtimeInput):
             if blob.audio_stream_end:
                 end = self._vad.end_of_stream()
                 if end is not None and not self._vad_disabled:
-                    self._on_speech_end(len(self._heard))
+                    self._on_speech_end(self._heard_base + len(self._heard))
         elif isinstance(blob, types.Blob) and blob.data and blob.mime_type:
             if not blob.mime_type.startswith("audio/pcm"):
                 return
@@ -94,9 +93,16 @@ class EchoConnection(BaseLlmConnection):
                     self._on_speech_start(offset)
                 elif isinstance(event, SpeechEnd):
                     self._on_speech_end(offset)
+            if self._utterance_start is None:
+                self._forget_old_audio(keep_ms=1000)
+
+    def _forget_old_audio(self, keep_ms: int) -> None:
+        drop = max(0, len(self._heard) - keep_ms * IN_BYTES_PER_MS)
+        del self._heard[:drop]
+        self._heard_base += drop
 
     def _on_speech_start(self, offset: int) -> None:
-        self._utterance_start = max(0, offset - PRE_ROLL_MS * IN_BYTES_PER_MS)
+        self._utterance_start = max(self._heard_base, offset - PRE_ROLL_MS * IN_BYTES_PER_MS)
         if self._generation is not None and not self._generation.done():
             self._generation.cancel()
             self._generation = None
@@ -109,9 +115,10 @@ class EchoConnection(BaseLlmConnection):
     def _on_speech_end(self, offset: int) -> None:
         if self._utterance_start is None:
             return
-        utterance = bytes(self._heard[self._utterance_start : offset])
+        base = self._heard_base
+        utterance = bytes(self._heard[self._utterance_start - base : offset - base])
         self._utterance_start = None
-        del self._heard[: max(0, len(self._heard) - PRE_ROLL_MS * IN_BYTES_PER_MS)]
+        self._forget_old_audio(keep_ms=PRE_ROLL_MS)
         seconds = len(utterance) / (IN_BYTES_PER_MS * 1000)
         self._responses.put_nowait(
             LlmResponse(
@@ -197,10 +204,10 @@ class EchoLlm(BaseLlm):
 LLMRegistry.register(EchoLlm)
 
 
-def echo_app(speed: float = 4.0) -> App:
+def echo_app(speed: float = 4.0, greet: bool = True) -> App:
     agent = LlmAgent(
         name="echo",
-        model=EchoLlm(speed=speed),
+        model=EchoLlm(speed=speed, greet=greet),
         instruction="Repeat what the caller says.",
     )
     return App(name="echo", root_agent=agent)

@@ -1,0 +1,79 @@
+"""A real telephony server (hypercorn on a loopback port) in a background thread."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from hypercorn.asyncio import serve
+from hypercorn.config import Config
+from quart import Quart
+
+from telephony.app import create_app
+from telephony.registry import CallRegistry
+from telephony.settings import Settings
+
+
+@dataclass
+class RunningServer:
+    base_url: str
+    settings: Settings
+    app: Quart
+    loop: asyncio.AbstractEventLoop
+
+    @property
+    def calls(self) -> CallRegistry:
+        return self.app.extensions["telephony.calls"]
+
+    def call_tasks(self) -> list[str]:
+        """Names of the per-call tasks still alive in the server's loop."""
+        future = asyncio.run_coroutine_threadsafe(_task_names(), self.loop)
+        return [n for n in future.result(5) if n.split("-")[0] in ("pump", "player", "watch")]
+
+
+async def _task_names() -> list[str]:
+    return [t.get_name() for t in asyncio.all_tasks()]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def running_server(tmp: Path, **overrides: object) -> Iterator[RunningServer]:
+    port = free_port()
+    settings = Settings(
+        host="127.0.0.1", port=port, agent="echo", session_db=str(tmp / "sessions.db"), **overrides
+    )
+    app = create_app(settings)
+    config = Config()
+    config.bind = [f"127.0.0.1:{port}"]
+    config.accesslog = None
+    loop = asyncio.new_event_loop()
+    stop = asyncio.Event()
+    started = threading.Event()
+
+    async def main() -> None:
+        loop.call_soon(started.set)
+        await serve(app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
+    thread.start()
+    started.wait(10)
+    for _ in range(200):
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        threading.Event().wait(0.02)
+    try:
+        yield RunningServer(f"http://127.0.0.1:{port}", settings, app, loop)
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(15)
