@@ -246,8 +246,8 @@ class CallerSimulator:
 
     async def hang_up(self) -> None:
         """Twilio's `stop`, then the socket closes."""
-        for task in self._tasks[:1] + self._tasks[2:]:
-            task.cancel()
+        if self._tasks:
+            self._tasks[0].cancel()  # no caller audio after the stop
         with contextlib.suppress(Exception):
             stop = Stop(self._next_seq(), self.stream_sid, "AC" + "0" * 32, self.call_sid)
             await self._send(stop.to_json())
