@@ -116,6 +116,20 @@ _DOWN3 = _kaiser_lowpass(231, 3700 / 24000, 86, gain=1.0)
 _UP3_DOWN2 = _kaiser_lowpass(145, 7600 / 48000, 80, gain=3.0)
 
 
+class _Pcm16Samples:
+    """PCM16 LE bytes -> samples, keeping the half sample of an odd-length chunk for the next."""
+
+    def __init__(self) -> None:
+        self._odd = b""
+
+    def take(self, data: bytes) -> np.ndarray:
+        if self._odd:
+            data = self._odd + data
+        usable = len(data) & ~1
+        self._odd = data[usable:]
+        return np.frombuffer(data, "<i2", count=usable // 2)
+
+
 class InboundConverter:
     """Caller audio: 8 kHz mu-law -> 16 kHz PCM16 LE, for Gemini Live."""
 
@@ -139,16 +153,11 @@ class OutboundConverter:
 
     def __init__(self) -> None:
         self.resampler = Resampler(1, 3, _DOWN3)
-        self._odd = b""
+        self._samples = _Pcm16Samples()
         self.delay_ms = 1000 * self.resampler.delay_samples_in / self.IN_RATE
 
     def convert(self, pcm16_24k: bytes) -> bytes:
-        if self._odd:
-            pcm16_24k = self._odd + pcm16_24k
-        usable = len(pcm16_24k) & ~1
-        self._odd = pcm16_24k[usable:]
-        x = np.frombuffer(pcm16_24k, "<i2", count=usable // 2)
-        y = _to_int16(self.resampler.process(x))
+        y = _to_int16(self.resampler.process(self._samples.take(pcm16_24k)))
         return _ENCODE[y.view(np.uint16)].tobytes()
 
 
@@ -159,12 +168,7 @@ class PcmResampler:
         if (up, down) != (3, 2):
             raise ValueError(f"only 16 kHz -> 24 kHz (3/2) is built in, not {up}/{down}")
         self.resampler = Resampler(up, down, _UP3_DOWN2)
-        self._odd = b""
+        self._samples = _Pcm16Samples()
 
     def convert(self, pcm16: bytes) -> bytes:
-        if self._odd:
-            pcm16 = self._odd + pcm16
-        usable = len(pcm16) & ~1
-        self._odd = pcm16[usable:]
-        x = np.frombuffer(pcm16, "<i2", count=usable // 2)
-        return _to_int16(self.resampler.process(x)).tobytes()
+        return _to_int16(self.resampler.process(self._samples.take(pcm16))).tobytes()
