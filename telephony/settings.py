@@ -82,11 +82,6 @@ class Settings:
         if self.playback_lead_ms < 40:
             raise SettingsError("TELEPHONY_PLAYBACK_LEAD_MS must be at least 40")
 
-    @property
-    def public_base(self) -> str:
-        """The public origin, or the local address when none is configured."""
-        return self.public_url.rstrip("/") or f"http://{self.host}:{self.port}"
-
 
 def _coerce(name: str, raw: str, kind: type) -> object:
     try:

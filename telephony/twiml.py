@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from twilio.twiml.voice_response import Connect, Stream, VoiceResponse
 
-__all__ = ["connect_stream", "unavailable"]
+__all__ = ["connect_stream"]
 
 
 def connect_stream(stream_url: str, parameters: dict[str, str]) -> str:
@@ -20,12 +20,4 @@ def connect_stream(stream_url: str, parameters: dict[str, str]) -> str:
     connect.append(stream)
     response = VoiceResponse()
     response.append(connect)
-    return str(response)
-
-
-def unavailable(message: str) -> str:
-    """A polite spoken refusal followed by a hang-up."""
-    response = VoiceResponse()
-    response.say(message)
-    response.hangup()
     return str(response)

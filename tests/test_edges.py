@@ -9,7 +9,7 @@ from twilio.request_validator import RequestValidator
 
 from telephony.security import SignatureChecker, websocket_url
 from telephony.settings import Settings, SettingsError
-from telephony.twiml import connect_stream, unavailable
+from telephony.twiml import connect_stream
 
 
 def test_connect_stream_twiml_carries_parameters() -> None:
@@ -23,11 +23,6 @@ def test_connect_stream_twiml_carries_parameters() -> None:
 def test_connect_stream_refuses_http_urls() -> None:
     with pytest.raises(ValueError, match="wss://"):
         connect_stream("https://example.com/stream", {})
-
-
-def test_unavailable_says_and_hangs_up() -> None:
-    root = ET.fromstring(unavailable("Busy, sorry."))
-    assert [child.tag for child in root] == ["Say", "Hangup"]
 
 
 def test_webhook_signature_matches_twilio_reference_algorithm() -> None:
