@@ -9,7 +9,16 @@ from __future__ import annotations
 
 import numpy as np
 
+try:
+    from telephony import _fir
+except ImportError:  # built without a C compiler: numpy does the same filtering, slower
+    _fir = None
+
+NATIVE = _fir is not None
+"""Whether the C kernel is built; converters use it unless given native=False."""
+
 __all__ = [
+    "NATIVE",
     "InboundConverter",
     "OutboundConverter",
     "Resampler",
@@ -66,10 +75,14 @@ class Resampler:
 
     Outputs come in blocks of `up` samples, one per `down` inputs; each block is one row of a
     strided window over the input times a fixed (window x up) matrix, so a whole chunk costs a
-    single matrix product however the phases fall.
+    single matrix product however the phases fall. With `native` (the default when built) the
+    C kernel runs the same arithmetic, fused with G.711 and PCM16 packing in the converters.
     """
 
-    def __init__(self, up: int, down: int, taps: np.ndarray) -> None:
+    def __init__(self, up: int, down: int, taps: np.ndarray, *, native: bool | None = None) -> None:
+        native = NATIVE if native is None else native
+        if native and _fir is None:
+            raise RuntimeError("the C audio kernel (telephony._fir) is not built")
         self.up, self.down = up, down
         k = len(taps)
         self._width = -(-k // up) + down
@@ -83,6 +96,11 @@ class Resampler:
         # float32: its rounding error sits far below the 16-bit output's LSB, and it halves
         # the memory each per-output dot product reads.
         weights = weights.astype(np.float32)
+        self.kernel = (
+            _fir.Polyphase(up, down, weights.tobytes(), _DECODE_F.tobytes(), _ENCODE.tobytes())
+            if native
+            else None
+        )
         self._weights = weights.T if up > 1 else weights[0]
         self._tail = np.zeros(self._width - down, np.float32)
         self.delay_samples_in = (k - 1) / 2 / up
@@ -90,6 +108,9 @@ class Resampler:
 
     def process(self, x: np.ndarray) -> np.ndarray:
         """Feed input samples (any count); return every output sample they complete."""
+        if self.kernel is not None:
+            out = self.kernel.process(np.ascontiguousarray(x, np.float32).tobytes())
+            return np.frombuffer(out, np.float32)
         buf = np.concatenate((self._tail, x), dtype=np.float32)
         blocks = (len(buf) - self._width) // self.down + 1
         if blocks <= 0:
@@ -139,11 +160,13 @@ class InboundConverter:
     IN_RATE = 8000
     OUT_RATE = 16000
 
-    def __init__(self) -> None:
-        self.resampler = Resampler(2, 1, _UP2)
+    def __init__(self, *, native: bool | None = None) -> None:
+        self.resampler = Resampler(2, 1, _UP2, native=native)
         self.delay_ms = 1000 * self.resampler.delay_samples_in / self.IN_RATE
 
     def convert(self, mulaw_8k: bytes) -> bytes:
+        if self.resampler.kernel is not None:
+            return self.resampler.kernel.ulaw_to_pcm16(mulaw_8k)
         x = _DECODE_F.take(np.frombuffer(mulaw_8k, np.uint8))
         return _to_int16(self.resampler.process(x)).tobytes()
 
@@ -154,12 +177,14 @@ class OutboundConverter:
     IN_RATE = 24000
     OUT_RATE = 8000
 
-    def __init__(self) -> None:
-        self.resampler = Resampler(1, 3, _DOWN3)
+    def __init__(self, *, native: bool | None = None) -> None:
+        self.resampler = Resampler(1, 3, _DOWN3, native=native)
         self._samples = _Pcm16Samples()
         self.delay_ms = 1000 * self.resampler.delay_samples_in / self.IN_RATE
 
     def convert(self, pcm16_24k: bytes) -> bytes:
+        if self.resampler.kernel is not None:
+            return self.resampler.kernel.pcm16_to_ulaw(pcm16_24k)
         y = _to_int16(self.resampler.process(self._samples.take(pcm16_24k)))
         return _ENCODE[y.view(np.uint16)].tobytes()
 
@@ -167,11 +192,13 @@ class OutboundConverter:
 class PcmResampler:
     """PCM16 LE at one rate -> PCM16 LE at another (used by the simulated model's echo)."""
 
-    def __init__(self, up: int = 3, down: int = 2) -> None:
+    def __init__(self, up: int = 3, down: int = 2, *, native: bool | None = None) -> None:
         if (up, down) != (3, 2):
             raise ValueError(f"only 16 kHz -> 24 kHz (3/2) is built in, not {up}/{down}")
-        self.resampler = Resampler(up, down, _UP3_DOWN2)
+        self.resampler = Resampler(up, down, _UP3_DOWN2, native=native)
         self._samples = _Pcm16Samples()
 
     def convert(self, pcm16: bytes) -> bytes:
+        if self.resampler.kernel is not None:
+            return self.resampler.kernel.pcm16_to_pcm16(pcm16)
         return _to_int16(self.resampler.process(self._samples.take(pcm16))).tobytes()

@@ -8,6 +8,7 @@ import random
 import numpy as np
 import pytest
 
+import telephony.audio
 from telephony.audio import (
     InboundConverter,
     OutboundConverter,
@@ -21,6 +22,17 @@ from .audio_tools import fixture, pcm, tone_amplitude
 audioop = pytest.importorskip("audioop")
 
 PASSBAND = np.arange(300, 3401, 50)
+
+
+@pytest.fixture(autouse=True, params=["native", "numpy"])
+def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every figure holds for the C kernel and for the numpy fallback alike."""
+    if request.param == "native":
+        if not telephony.audio.NATIVE:
+            pytest.skip("the C kernel is not built here")
+    else:
+        monkeypatch.setattr(telephony.audio, "NATIVE", False)
+    return request.param
 
 
 def test_mulaw_decode_matches_audioop_for_every_byte() -> None:
