@@ -17,25 +17,31 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from google.adk.events import Event  # noqa: E402
 from google.genai import types  # noqa: E402
 
+from telephony.agents import phone_run_config, warm_up  # noqa: E402
 from telephony.bridge import Call, CallInfo, CallOptions  # noqa: E402
 from telephony.media_stream import Media, Start  # noqa: E402
+from telephony.settings import Settings  # noqa: E402
 from tests.audio_tools import line_noise  # noqa: E402
 
 
 class ScriptedRunner:
-    """Stands in for ADK's Runner: yields the model events the benchmark injects."""
+    """Stands in for ADK's Runner: yields the model events the benchmark injects.
+
+    `delivered` stamps each event as run_live hands it to the bridge: the scheduling hop
+    between `inject` and that moment belongs to the runner, not to the bridge."""
 
     def __init__(self) -> None:
         self.events: asyncio.Queue[Event] = asyncio.Queue()
-        self.injected: list[float] = []
+        self.delivered: list[float] = []
 
     def inject(self, event: Event) -> None:
-        self.injected.append(time.perf_counter())
         self.events.put_nowait(event)
 
     async def run_live(self, **_: object) -> AsyncIterator[Event]:
         while True:
-            yield await self.events.get()
+            event = await self.events.get()
+            self.delivered.append(time.perf_counter())
+            yield event
 
 
 async def one_call(n: int, seconds: float, frame_lat: list[float], out_lat: list[float]) -> None:
@@ -89,11 +95,12 @@ async def one_call(n: int, seconds: float, frame_lat: list[float], out_lat: list
         await asyncio.sleep(max(0.0, start + tick * 0.02 - time.perf_counter()))
     await asyncio.sleep(0.1)
     await call.close("benchmark over")
-    assert len(sent_at) == len(runner.injected), (len(sent_at), len(runner.injected))
-    out_lat.extend(s - i for s, i in zip(sent_at, runner.injected, strict=True))
+    assert len(sent_at) == len(runner.delivered), (len(sent_at), len(runner.delivered))
+    out_lat.extend(s - i for s, i in zip(sent_at, runner.delivered, strict=True))
 
 
 async def main(calls: int, seconds: float) -> None:
+    await warm_up(phone_run_config(Settings.from_env({})))  # as the server does before serving
     frame_lat: list[float] = []
     out_lat: list[float] = []
     await asyncio.gather(*(one_call(n, seconds, frame_lat, out_lat) for n in range(calls)))

@@ -2,8 +2,11 @@
 
 A `Call` owns three tasks (the model event pump, the paced player, the caller-silence watch)
 and ends them all in `close()`. Caller audio flows synchronously from `handle()` into the
-LiveRequestQueue; agent audio flows from the pump into the player, never awaiting the socket,
-because ADK hands events over through a queue of one and a slow consumer stalls the model.
+LiveRequestQueue. Agent audio goes from the pump into the player's queue; what Twilio has room
+for leaves at once from the pump, the rest is paced out by the player task. So the pump
+awaits the socket only for the lead's worth of audio (writes that block only once the
+transport buffer is full), never for pacing: ADK hands events over through a queue of one,
+and a slow consumer stalls the model.
 """
 
 from __future__ import annotations
@@ -178,6 +181,7 @@ class Call:
                 run_config=self._run_config,
             ):
                 await self._on_model_event(event)
+                await self.player.flush()
         except asyncio.CancelledError:
             raise
         except Exception as exc:

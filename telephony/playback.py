@@ -88,6 +88,8 @@ class Player:
         self._clock = clock
         self._queue: deque[bytes] = deque()
         self._wake = asyncio.Event()
+        self._sending = asyncio.Lock()
+        """Keeps each media message and its mark together on the wire."""
         self._send: Callable[[str], Awaitable[None]] | None = None
         self._stream_sid = ""
         self._mark_seq = 0
@@ -118,34 +120,47 @@ class Player:
         dropped = self.queued_bytes
         self._queue.clear()
         self.dropped_bytes += dropped
-        if self._send is None or self.ledger.unplayed_ms(self._clock()) <= 0:
-            return dropped > 0
-        self.ledger.cleared(self._clock())
-        self.clears += 1
-        await self._send(clear_message(self._stream_sid))
+        # After a media message already on its way, never before it: that one would play.
+        async with self._sending:
+            if self._send is None or self.ledger.unplayed_ms(self._clock()) <= 0:
+                return dropped > 0
+            self.ledger.cleared(self._clock())
+            self.clears += 1
+            await self._send(clear_message(self._stream_sid))
         return True
 
     def on_mark(self, name: str) -> bool:
         return self.ledger.mark_echoed(name, self._clock())
 
+    def _due(self) -> float:
+        """Seconds until the next message may go (<= 0: now); inf when there is nothing to send."""
+        if not self._queue or self._send is None:
+            return float("inf")
+        return self.ledger.unplayed_ms(self._clock()) / 1000 - self._lead
+
+    async def flush(self) -> None:
+        """Sends every message that is due now. The pump calls it right after enqueueing, so
+        agent audio leaves in the same step it arrived in rather than one loop turn later."""
+        async with self._sending:
+            while (send := self._send) is not None and self._due() < 0:
+                chunk = self._queue.popleft()
+                self._mark_seq += 1
+                name = str(self._mark_seq)
+                self.ledger.sent(len(chunk), self._clock())
+                self.ledger.mark_sent(name)
+                await send(media_message(self._stream_sid, chunk))
+                await send(mark_message(self._stream_sid, name))
+
     async def run(self) -> None:
+        """Sends the rest as Twilio's buffer drains."""
         while True:
-            if not self._queue or self._send is None:
-                self._wake.clear()
+            await self.flush()
+            due = self._due()
+            self._wake.clear()
+            if due == float("inf"):
                 await self._wake.wait()
-                continue
-            ahead = self.ledger.unplayed_ms(self._clock()) / 1000 - self._lead
-            if ahead >= 0:
-                self._wake.clear()
+            else:
                 try:
-                    await asyncio.wait_for(self._wake.wait(), ahead + 0.001)
+                    await asyncio.wait_for(self._wake.wait(), due + 0.001)
                 except TimeoutError:
                     pass
-                continue
-            chunk = self._queue.popleft()
-            self._mark_seq += 1
-            name = str(self._mark_seq)
-            self.ledger.sent(len(chunk), self._clock())
-            self.ledger.mark_sent(name)
-            await self._send(media_message(self._stream_sid, chunk))
-            await self._send(mark_message(self._stream_sid, name))

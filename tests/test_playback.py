@@ -81,3 +81,43 @@ async def test_player_keeps_only_the_lead_ahead_and_clears_everything() -> None:
     assert not player.busy()
     assert await player.clear() is False
     task.cancel()
+
+
+async def test_flush_sends_what_is_due_at_once_and_keeps_media_and_mark_together() -> None:
+    """The pump flushes right after enqueueing: no loop turn between model audio and media.
+    Two flushes racing (pump and player) must still pair each media with its own mark."""
+    clock = FakeClock()
+    sent: list[dict[str, object]] = []
+
+    async def slow_send(text: str) -> None:
+        await asyncio.sleep(0)  # a socket write that yields, as a real one may
+        sent.append(json.loads(text))
+
+    player = Player(lead_ms=400, clock=clock)
+    player.attach("MZ1", slow_send)
+    player.enqueue(b"\x00" * 8000)
+    await asyncio.gather(player.flush(), player.flush())
+    assert [m["event"] for m in sent] == ["media", "mark", "media", "mark"]
+    assert [m["mark"]["name"] for m in sent if m["event"] == "mark"] == ["1", "2"]
+    assert player.queued_bytes == 4800  # the rest waits for the lead to drain
+    await player.flush()
+    assert len(sent) == 4
+
+
+async def test_clear_never_overtakes_a_media_message_in_flight() -> None:
+    clock = FakeClock()
+    sent: list[str] = []
+
+    async def slow_send(text: str) -> None:
+        await asyncio.sleep(0)
+        sent.append(json.loads(text)["event"])
+
+    player = Player(lead_ms=400, clock=clock)
+    player.attach("MZ1", slow_send)
+    player.enqueue(b"\x00" * 8000)
+    flushing = asyncio.create_task(player.flush())
+    await asyncio.sleep(0)  # the first media message is on its way
+    assert await player.clear() is True
+    await flushing
+    assert sent == ["media", "mark", "clear"]
+    assert player.queued_bytes == 0
