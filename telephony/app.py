@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 
 from google.adk.runners import Runner
+from google.adk.sessions import BaseSessionService, InMemorySessionService
 from google.adk.sessions.sqlite_session_service import SqliteSessionService
 from quart import Quart, Response, request, websocket
 
@@ -28,7 +30,11 @@ MAX_FRAME_BYTES = 64 * 1024
 
 def create_app(settings: Settings, spec: AgentSpec | None = None) -> Quart:
     spec = spec or load_agent(settings.agent, settings)
-    sessions = SqliteSessionService(settings.session_db)
+    sessions: BaseSessionService = (
+        SqliteSessionService(settings.session_db)
+        if settings.session_db
+        else InMemorySessionService()
+    )
     runner = Runner(app=spec.app, session_service=sessions, auto_create_session=True)
     options = CallOptions(
         playback_lead_ms=settings.playback_lead_ms,
@@ -36,6 +42,7 @@ def create_app(settings: Settings, spec: AgentSpec | None = None) -> Quart:
         barge_in_frames=settings.barge_in_frames,
         caller_silence_ms=settings.caller_silence_ms,
         greeting=spec.greeting,
+        record_dir=Path(settings.record_dir) if settings.record_dir else None,
     )
     calls = CallRegistry(
         lambda info: Call(info, runner=runner, run_config=spec.run_config, options=options),

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from google.adk.agents.live_request_queue import LiveRequestQueue
 from google.adk.agents.run_config import RunConfig
@@ -26,6 +26,7 @@ from google.genai import types
 from .audio import InboundConverter, OutboundConverter
 from .media_stream import Dtmf, InboundEvent, Mark, Media, Start, Stop
 from .playback import Player, UnknownMark
+from .recording import CallRecorder
 from .vad import SpeechStart, VoiceActivityDetector
 
 __all__ = ["Call", "CallInfo", "CallOptions"]
@@ -52,6 +53,8 @@ class CallOptions:
     barge_in_frames: int = 4
     caller_silence_ms: int = 1000
     greeting: str | None = None
+    record_dir: Path | None = None
+    """Write each call's recording (JSON Lines and WAV) here; None: do not record."""
 
 
 class Call:
@@ -64,8 +67,10 @@ class Call:
         runner: Runner,
         run_config: RunConfig,
         options: CallOptions,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] | None = None,
     ) -> None:
+        """`clock` defaults to the event loop's, so a loop with virtual time drives it too."""
+        clock = clock or asyncio.get_running_loop().time
         self.info = info
         self._runner = runner
         self._run_config = run_config
@@ -89,6 +94,18 @@ class Call:
         self._tasks: list[asyncio.Task[None]] = []
         self._closing: asyncio.Task[None] | None = None
         self.barge_ins = 0
+        self.recorder = (
+            CallRecorder(
+                options.record_dir,
+                call_sid=info.call_sid,
+                caller=info.caller,
+                callee=info.callee,
+                agent=getattr(runner, "app_name", ""),
+                clock=clock,
+            )
+            if options.record_dir
+            else None
+        )
 
     def _log(self, message: str, *args: object, level: int = logging.INFO) -> None:
         log.log(level, "call %s: " + message, self.info.call_sid, *args)
@@ -114,11 +131,21 @@ class Call:
     def attach(self, start: Start, send: Callable[[str], Awaitable[None]]) -> None:
         self.stream_sid = start.stream_sid
         self._last_media = self._clock()
+        if (recorder := self.recorder) is not None:
+            recorder.twilio_in(start)
+            unrecorded = send
+
+            async def send(text: str) -> None:
+                recorder.twilio_out(text)
+                await unrecorded(text)
+
         self.player.attach(start.stream_sid, send)
         self._log("media stream %s attached", start.stream_sid)
 
     async def handle(self, event: InboundEvent) -> None:
         """One message from Twilio, in order."""
+        if self.recorder is not None:
+            self.recorder.twilio_in(event)
         if isinstance(event, Media):
             if self._on_media(event.payload):
                 await self._barge_in("caller speech")
@@ -191,6 +218,8 @@ class Call:
             self._finish("live session ended")
 
     async def _on_model_event(self, event: Event) -> None:
+        if self.recorder is not None:
+            self.recorder.model_event(event)
         if event.content and event.content.parts:
             for part in event.content.parts:
                 blob = part.inline_data
@@ -240,6 +269,23 @@ class Call:
 
     async def _shutdown(self) -> None:
         self.live_queue.close()
+        try:
+            await self._end_tasks()
+        finally:
+            if self.recorder is not None:
+                self.recorder.close(self.end_reason)
+        ledger = self.player.ledger
+        self._log(
+            "ended: %s; agent audio sent %.1f s, barge-ins %d, marks sent %d played %d cleared %d",
+            self.end_reason,
+            ledger.sent_bytes / 8000,
+            self.barge_ins,
+            ledger.marks_sent,
+            ledger.marks_played,
+            ledger.marks_cleared,
+        )
+
+    async def _end_tasks(self) -> None:
         if not self._tasks:
             return
         pump, *others = self._tasks
@@ -252,13 +298,3 @@ class Call:
         except Exception as exc:
             self._log("live session ended with %r", exc, level=logging.WARNING)
         await asyncio.gather(*others, return_exceptions=True)
-        ledger = self.player.ledger
-        self._log(
-            "ended: %s; agent audio sent %.1f s, barge-ins %d, marks sent %d played %d cleared %d",
-            self.end_reason,
-            ledger.sent_bytes / 8000,
-            self.barge_ins,
-            ledger.marks_sent,
-            ledger.marks_played,
-            ledger.marks_cleared,
-        )

@@ -34,6 +34,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--session-db", help="SQLite file for sessions (TELEPHONY_SESSION_DB)")
     serve.add_argument("--model", help="Gemini live model for the built-in agent (TELEPHONY_MODEL)")
+    serve.add_argument(
+        "--record",
+        metavar="DIR",
+        help="record every call into DIR as JSON Lines + WAV (TELEPHONY_RECORD_DIR; off)",
+    )
     return parser
 
 
@@ -48,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
             public_url=args.public_url,
             session_db=args.session_db,
             model=args.model,
+            record_dir=args.record,
         )
     except SettingsError as exc:
         print(f"telephony: {exc}", file=sys.stderr)

@@ -34,6 +34,10 @@ class Settings:
     language: str = ""
     greeting: str = DEFAULT_GREETING
     session_db: str = "telephony_sessions.db"
+    """SQLite file of ADK sessions; empty keeps them in memory (lost when the server stops)."""
+    record_dir: str = ""
+    """Record every call (JSON Lines + WAV) into this folder; empty: off (recordings hold
+    personal data)."""
     playback_lead_ms: int = 400
     """How far ahead of the caller's ear we let Twilio buffer agent audio."""
     barge_in_aggressiveness: int = 3

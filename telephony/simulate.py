@@ -1,19 +1,22 @@
 """The Twilio side of a call, for tests and local runs: a caller simulator that speaks the real
 protocol. It posts the signed voice webhook, follows the TwiML to the Media Stream, streams
 caller audio in real time (20 ms frames), plays agent audio at 8,000 bytes/s as Twilio would,
-echoes marks once their audio has played and honours `clear`."""
+echoes marks once their audio has played and honours `clear`.
+
+It reaches the server over the network (`place_call(url)`) or in-process through the ASGI app
+(`place_call(app=app)`), which is what lets a replay run on a virtual clock."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 import urllib.parse
 import urllib.request
 import xml.etree.ElementTree as ET
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import numpy as np
 from websockets.asyncio.client import ClientConnection, connect
@@ -33,7 +36,7 @@ from .media_stream import (
 )
 from .security import SignatureChecker
 
-__all__ = ["CallerSimulator", "Heard", "WebhookError", "place_call"]
+__all__ = ["CallLog", "CallerSimulator", "Heard", "StreamSocket", "WebhookError", "place_call"]
 
 FRAME_BYTES = 160
 FRAME_S = 0.02
@@ -55,6 +58,10 @@ class Heard:
     start: float
     audio: bytes
     received: float
+
+    @property
+    def end(self) -> float:
+        return self.start + len(self.audio) / 8000
 
 
 @dataclass
@@ -107,17 +114,53 @@ def _stream_from_twiml(twiml: str) -> tuple[str, dict[str, str]]:
     return stream.get("url", ""), params
 
 
+class StreamSocket(Protocol):
+    """The Twilio end of a Media Stream WebSocket (a websockets client connection, or the
+    in-process adapter)."""
+
+    async def send(self, message: str) -> None: ...
+
+    def __aiter__(self) -> AsyncIterator[str | bytes]: ...
+
+    async def close(self) -> None: ...
+
+
+class _AppSocket:
+    """Quart's in-process test WebSocket, as a StreamSocket."""
+
+    def __init__(self, connection: Any) -> None:
+        self._connection = connection
+
+    async def send(self, message: str) -> None:
+        await self._connection.send(message)
+
+    async def __aiter__(self) -> AsyncIterator[str | bytes]:
+        from quart.testing import WebsocketResponseError
+        from quart.testing.connections import WebsocketDisconnectError
+
+        while True:
+            try:
+                yield await self._connection.receive()
+            except WebsocketDisconnectError:
+                return
+            except WebsocketResponseError as exc:
+                raise WebhookError(exc.response.status_code, "stream upgrade refused") from exc
+
+    async def close(self) -> None:
+        await self._connection.close(1000)
+
+
 class CallerSimulator:
     """One simulated call on an open Media Stream. Use `place_call()` to get one."""
 
     def __init__(
         self,
-        ws: ClientConnection,
+        ws: StreamSocket | ClientConnection,
         *,
         call_sid: str,
         parameters: dict[str, str],
         continuous: bool = True,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self._ws = ws
         self.call_sid = call_sid
@@ -125,7 +168,7 @@ class CallerSimulator:
         self._parameters = parameters
         self.continuous = continuous
         """Like real Twilio, send silence frames whenever the caller has nothing to say."""
-        self._clock = clock
+        self._clock = clock or asyncio.get_running_loop().time
         self.log = CallLog()
         self._outgoing: deque[tuple[bytes, asyncio.Future[float] | None]] = deque()
         self._seq = 0
@@ -186,18 +229,22 @@ class CallerSimulator:
                 frame = SILENCE
             else:
                 continue
-            self._chunk += 1
-            media = Media(
-                sequence_number=self._next_seq(),
-                stream_sid=self.stream_sid,
-                track="inbound",
-                chunk=self._chunk,
-                timestamp=int((self._clock() - self.log.started) * 1000),
-                payload=frame,
-            )
-            await self._send(media.to_json())
+            await self.send_frame(frame)
             if sent is not None and not sent.done():
                 sent.set_result(self._clock())
+
+    async def send_frame(self, payload: bytes) -> None:
+        """One media message now, stamped as Twilio stamps it (ms since the stream started)."""
+        self._chunk += 1
+        media = Media(
+            sequence_number=self._next_seq(),
+            stream_sid=self.stream_sid,
+            track="inbound",
+            chunk=self._chunk,
+            timestamp=int(round((self._clock() - self.log.started) * 1000)),
+            payload=payload,
+        )
+        await self._send(media.to_json())
 
     async def _receive(self) -> None:
         try:
@@ -262,8 +309,9 @@ class CallerSimulator:
 
 @contextlib.asynccontextmanager
 async def place_call(
-    base_url: str,
+    base_url: str = "",
     *,
+    app: Any = None,
     auth_token: str = "",
     public_url: str = "",
     call_sid: str = "CA" + "1" * 32,
@@ -271,28 +319,45 @@ async def place_call(
     callee: str = "+15550002222",
     continuous: bool = True,
 ) -> AsyncIterator[CallerSimulator]:
-    """Does what Twilio does when a call comes in, up to an open Media Stream.
+    """Does what Twilio does when a call comes in, up to an open Media Stream: over the
+    network to `base_url`, or in-process to a Quart `app` (already started, e.g. inside
+    `app.test_app()`).
 
     `public_url` is the URL Twilio would have used (what the server validates signatures
-    against); it defaults to `base_url`."""
-    public = (public_url or base_url).rstrip("/")
+    against); it defaults to `base_url` (`http://localhost` in-process)."""
+    if bool(base_url) == (app is not None):
+        raise ValueError("place_call needs a base_url or an app, not both")
+    public = (public_url or base_url or "http://localhost").rstrip("/")
     form = {"CallSid": call_sid, "From": caller, "To": callee, "AccountSid": "AC" + "0" * 32}
     headers = {}
     signer = SignatureChecker(auth_token, public) if auth_token else None
     if signer:
         headers["X-Twilio-Signature"] = signer.sign(public + "/voice", form)
-    status, body = await _post_form(base_url.rstrip("/") + "/voice", form, headers)
+    if app is not None:
+        client = app.test_client()
+        response = await client.post("/voice", form=form, headers=headers)
+        status, body = response.status_code, await response.get_data(as_text=True)
+    else:
+        status, body = await _post_form(base_url.rstrip("/") + "/voice", form, headers)
     if status != 200:
         raise WebhookError(status, body)
     stream_url, params = _stream_from_twiml(body)
     ws_headers = {}
     if signer:
         ws_headers["X-Twilio-Signature"] = signer.sign(stream_url, {})
-    local = urllib.parse.urlsplit(base_url)
     target = urllib.parse.urlsplit(stream_url)
-    scheme = "wss" if local.scheme == "https" else "ws"
-    connect_url = urllib.parse.urlunsplit((scheme, local.netloc, target.path, "", ""))
-    async with connect(connect_url, additional_headers=ws_headers, max_size=2**20) as ws:
+    async with contextlib.AsyncExitStack() as stack:
+        ws: StreamSocket | ClientConnection
+        if app is not None:
+            connection = client.websocket(target.path, headers=ws_headers)
+            ws = _AppSocket(await stack.enter_async_context(connection))
+        else:
+            local = urllib.parse.urlsplit(base_url)
+            scheme = "wss" if local.scheme == "https" else "ws"
+            connect_url = urllib.parse.urlunsplit((scheme, local.netloc, target.path, "", ""))
+            ws = await stack.enter_async_context(
+                connect(connect_url, additional_headers=ws_headers, max_size=2**20)
+            )
         sim = CallerSimulator(ws, call_sid=call_sid, parameters=params, continuous=continuous)
         await sim.begin()
         try:

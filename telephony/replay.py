@@ -1,0 +1,310 @@
+"""Replay a recorded call's caller side against an agent and compare how the agent side went.
+
+The caller's messages (audio, DTMF, hang-up) are sent with their original timing; the
+Twilio side is the simulator (playout at 8,000 bytes/s, marks echoed, `clear` honoured).
+Both calls are then reduced to the same `CallFigures` (caller speech, agent turns, response
+latencies, clears, marks, transcripts, how it ended) and compared with tolerances.
+
+In-process replays (`replay_in_process`, or the `call_replay` pytest fixture) run the real
+app on a virtual clock: deterministic, and much faster than real time. `replay(url=...)`
+plays against a running server in real time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import tempfile
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .audio import InboundConverter
+from .recording import Recording, load_recording
+from .simulate import CallerSimulator, CallLog, place_call
+from .vad import SpeechEnd, SpeechStart, VoiceActivityDetector
+from .virtual_clock import run_virtual
+
+__all__ = [
+    "CallFigures",
+    "ReplayResult",
+    "ScriptStep",
+    "caller_script",
+    "compare",
+    "figures_from_log",
+    "figures_from_recording",
+    "replay",
+    "replay_in_process",
+]
+
+TURN_GAP_S = 0.3
+"""Agent audio separated by less than this is one turn."""
+DROPPED = "media stream closed"
+"""How the bridge names a call whose socket closed without `stop`."""
+
+
+@dataclass(frozen=True)
+class ScriptStep:
+    """One caller action, `t` seconds after the media stream started."""
+
+    t: float
+    event: str
+    payload: bytes = b""
+    digit: str = ""
+
+
+def caller_script(recording: Recording) -> list[ScriptStep]:
+    start = recording.stream_start
+    if start is None:
+        return []
+    steps: list[ScriptStep] = []
+    for t, msg in recording.twilio_in():
+        event = msg["event"]
+        if event == "media":
+            payload = base64.b64decode(msg["media"]["payload"])
+            steps.append(ScriptStep(t - start, "media", payload=payload))
+        elif event == "dtmf":
+            steps.append(ScriptStep(t - start, "dtmf", digit=msg["dtmf"]["digit"]))
+        elif event == "stop":
+            steps.append(ScriptStep(t - start, "stop"))
+    return steps
+
+
+@dataclass
+class CallFigures:
+    """One call reduced to what matters to a caller; times in seconds from stream start."""
+
+    caller_speech: list[tuple[float, float]] = field(default_factory=list)
+    agent_turns: list[tuple[float, float]] = field(default_factory=list)
+    clears: list[float] = field(default_factory=list)
+    marks_sent: int = 0
+    marks_echoed: int = 0
+    end_reason: str | None = None
+    caller_transcripts: list[str] | None = None
+    agent_transcripts: list[str] | None = None
+    interruptions: int | None = None
+    """How often the model reported `interrupted` (None: not known from the Twilio side)."""
+
+    @property
+    def response_latencies(self) -> list[float]:
+        """For each agent turn that answers caller speech: turn start minus the end of the
+        speech just before it."""
+        out = []
+        for start, _ in self.agent_turns:
+            ends = [e for s, e in self.caller_speech if e <= start]
+            talking = any(s <= start < e for s, e in self.caller_speech)
+            if ends and not talking:
+                out.append(start - max(ends))
+        return out
+
+
+def _speech(frames: list[tuple[float, bytes]]) -> list[tuple[float, float]]:
+    """Caller speech segments, by the same VAD the bridge uses."""
+    vad = VoiceActivityDetector(end_ms=300)
+    convert = InboundConverter()
+    times = [t for t, _ in frames]
+    segments: list[tuple[float, float]] = []
+    start: float | None = None
+    for _, payload in frames:
+        for event in vad.feed(convert.convert(payload)):
+            at = times[min(len(times) - 1, event.offset_ms // 20)]
+            if isinstance(event, SpeechStart):
+                start = at
+            elif isinstance(event, SpeechEnd) and start is not None:
+                segments.append((start, at))
+                start = None
+    if start is not None and times:
+        segments.append((start, times[-1] + 0.02))
+    return segments
+
+
+def _turns(pieces: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    turns: list[tuple[float, float]] = []
+    for start, end in sorted(p for p in pieces if p[1] > p[0]):
+        if turns and start - turns[-1][1] < TURN_GAP_S:
+            turns[-1] = (turns[-1][0], max(end, turns[-1][1]))
+        else:
+            turns.append((start, end))
+    return turns
+
+
+def _playout(sent: list[tuple[float, int]], clears: list[float]) -> list[tuple[float, float]]:
+    """What Twilio played: each media message after the previous one, cut by clears."""
+    pieces: list[tuple[float, float]] = []
+    play_end = 0.0
+    events = sorted([(t, 0, n) for t, n in sent] + [(t, 1, 0) for t in clears])
+    for t, is_clear, nbytes in events:
+        if is_clear:
+            pieces = [(s, min(e, t)) for s, e in pieces if s < t]
+            play_end = t
+        else:
+            start = max(t, play_end)
+            play_end = start + nbytes / 8000
+            pieces.append((start, play_end))
+    return pieces
+
+
+def figures_from_recording(recording: Recording) -> CallFigures:
+    start = recording.stream_start or 0.0
+    frames: list[tuple[float, bytes]] = []
+    marks_echoed = 0
+    for t, msg in recording.twilio_in():
+        if msg["event"] == "media":
+            frames.append((t - start, base64.b64decode(msg["media"]["payload"])))
+        elif msg["event"] == "mark":
+            marks_echoed += 1
+    sent: list[tuple[float, int]] = []
+    clears: list[float] = []
+    marks_sent = 0
+    for t, msg in recording.twilio_out():
+        if msg["event"] == "media":
+            sent.append((max(0.0, t - start), len(base64.b64decode(msg["media"]["payload"]))))
+        elif msg["event"] == "clear":
+            clears.append(t - start)
+        elif msg["event"] == "mark":
+            marks_sent += 1
+    return CallFigures(
+        caller_speech=_speech(frames),
+        agent_turns=_turns(_playout(sent, clears)),
+        clears=clears,
+        marks_sent=marks_sent,
+        marks_echoed=marks_echoed,
+        end_reason=recording.end_reason,
+        caller_transcripts=recording.transcripts("input"),
+        agent_transcripts=recording.transcripts("output"),
+        interruptions=len(recording.model("interrupted")),
+    )
+
+
+def figures_from_log(log: CallLog, script: list[ScriptStep]) -> CallFigures:
+    """The Twilio side's view of a call (what a replay against a remote server can see)."""
+    frames = [(s.t, s.payload) for s in script if s.event == "media"]
+    return CallFigures(
+        caller_speech=_speech(frames),
+        agent_turns=_turns([(h.start - log.started, h.end - log.started) for h in log.heard]),
+        clears=[t - log.started for t in log.clears],
+        marks_sent=log.marks_received,
+        marks_echoed=log.marks_echoed,
+    )
+
+
+def compare(expected: CallFigures, actual: CallFigures, *, tolerance_s: float = 0.3) -> list[str]:
+    """Differences that matter, as sentences (empty: the calls went the same way)."""
+    problems: list[str] = []
+
+    def times(name: str, a: list[float], b: list[float]) -> None:
+        if len(a) != len(b):
+            problems.append(f"{name}: expected {len(a)} at {_fmt(a)}, got {len(b)} at {_fmt(b)}")
+            return
+        for x, y in zip(a, b, strict=True):
+            if abs(x - y) > tolerance_s:
+                problems.append(f"{name}: expected at {x:.2f} s, got {y:.2f} s")
+
+    times("clears", expected.clears, actual.clears)
+    times("agent turns", [s for s, _ in expected.agent_turns], [s for s, _ in actual.agent_turns])
+    for name in ("caller_transcripts", "agent_transcripts", "end_reason", "interruptions"):
+        want, got = getattr(expected, name), getattr(actual, name)
+        if want is not None and got is not None and want != got:
+            problems.append(f"{name.replace('_', ' ')}: expected {want!r}, got {got!r}")
+    return problems
+
+
+def _fmt(values: list[float]) -> str:
+    return "[" + ", ".join(f"{v:.2f}" for v in values) + "]"
+
+
+@dataclass
+class ReplayResult:
+    original: CallFigures
+    figures: CallFigures
+    """The replayed call: from the server's own recording when there is one, else from the
+    Twilio side."""
+    log: CallLog
+    recording: Recording | None
+
+    def differences(self, tolerance_s: float = 0.3) -> list[str]:
+        return compare(self.original, self.figures, tolerance_s=tolerance_s)
+
+
+async def _play(sim: CallerSimulator, script: list[ScriptStep], original: Recording) -> None:
+    loop = asyncio.get_running_loop()
+    for step in script:
+        delay = sim.log.started + step.t - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        if step.event == "media":
+            await sim.send_frame(step.payload)
+        elif step.event == "dtmf":
+            await sim.press(step.digit)
+        elif step.event == "stop":
+            await sim.hang_up()
+            return
+    if original.end_reason == DROPPED:
+        await sim.close()
+        return
+    # The server ended the original call: give it the time it took then, and a little more.
+    start = original.stream_start or 0.0
+    last = max((e.t for e in original.entries), default=start) - start
+    with contextlib.suppress(TimeoutError):
+        remaining = sim.log.started + last - loop.time()
+        await asyncio.wait_for(sim.closed.wait(), max(0.0, remaining) + 5)
+
+
+async def replay(
+    recording: Recording | str | Path,
+    *,
+    app: Any = None,
+    url: str = "",
+    auth_token: str = "",
+    public_url: str = "",
+    record_dir: Path | None = None,
+) -> ReplayResult:
+    """Plays `recording`'s caller side into a started Quart `app` or a server at `url`.
+
+    With `record_dir` (the server's recording folder), the replay's figures come from the
+    server's recording of it, transcripts included."""
+    original = recording if isinstance(recording, Recording) else load_recording(recording)
+    script = caller_script(original)
+    sid = "CA" + uuid.uuid4().hex
+    async with place_call(
+        url,
+        app=app,
+        auth_token=auth_token,
+        public_url=public_url,
+        call_sid=sid,
+        caller=str(original.header.get("caller", "")),
+        callee=str(original.header.get("callee", "")),
+        continuous=False,
+    ) as sim:
+        await _play(sim, script, original)
+    replayed: Recording | None = None
+    if record_dir is not None:
+        path = record_dir / f"{sid}.jsonl"
+        for _ in range(100):  # the server finishes the recording as the call winds down
+            if path.exists() and (replayed := load_recording(path)).end_reason is not None:
+                break
+            await asyncio.sleep(0.1)
+    figures = (
+        figures_from_recording(replayed)
+        if replayed is not None
+        else figures_from_log(sim.log, script)
+    )
+    return ReplayResult(figures_from_recording(original), figures, sim.log, replayed)
+
+
+def replay_in_process(recording: Recording | str | Path, app_factory: Any = None) -> ReplayResult:
+    """Replays against a fresh in-process server on a virtual clock (the echo agent unless
+    `app_factory(settings)` builds another app from the given `Settings`)."""
+    from .app import create_app
+    from .settings import Settings
+
+    async def main(record_dir: Path) -> ReplayResult:
+        settings = Settings(agent="echo", session_db="", record_dir=str(record_dir))
+        app = (app_factory or create_app)(settings)
+        async with app.test_app():
+            return await replay(recording, app=app, record_dir=record_dir)
+
+    with tempfile.TemporaryDirectory(prefix="telephony-replay-") as tmp:
+        return run_virtual(main(Path(tmp)))
