@@ -59,7 +59,7 @@ def mulaw_encode(pcm16: bytes) -> bytes:
     return _ENCODE[np.frombuffer(pcm16, "<u2")].tobytes()
 
 
-def _kaiser_lowpass(taps: int, cutoff: float, attenuation_db: float, gain: float) -> np.ndarray:
+def kaiser_lowpass(taps: int, cutoff: float, attenuation_db: float, gain: float) -> np.ndarray:
     """Windowed-sinc low-pass; cutoff is a fraction of the (upsampled) sample rate."""
     if attenuation_db > 50:
         beta = 0.1102 * (attenuation_db - 8.7)
@@ -124,7 +124,7 @@ class Resampler:
         return y.reshape(-1)
 
 
-def _to_int16(y: np.ndarray) -> np.ndarray:
+def to_int16(y: np.ndarray) -> np.ndarray:
     """Round and saturate in place (np.clip is several times slower than the two ufuncs)."""
     np.rint(y, out=y)
     np.maximum(y, -32768.0, out=y)
@@ -133,11 +133,11 @@ def _to_int16(y: np.ndarray) -> np.ndarray:
 
 
 # 8 kHz -> 16 kHz: passband to 3.4 kHz, images from 4.6 kHz down >= 80 dB.
-_UP2 = _kaiser_lowpass(75, 4000 / 16000, 88, gain=2.0)
+_UP2 = kaiser_lowpass(75, 4000 / 16000, 88, gain=2.0)
 # 24 kHz -> 8 kHz: passband to 3.4 kHz, everything that would alias (>= 4 kHz) down >= 80 dB.
-_DOWN3 = _kaiser_lowpass(231, 3700 / 24000, 86, gain=1.0)
+_DOWN3 = kaiser_lowpass(231, 3700 / 24000, 86, gain=1.0)
 # 16 kHz -> 24 kHz (the simulated model's echo): passband to 7 kHz.
-_UP3_DOWN2 = _kaiser_lowpass(145, 7600 / 48000, 80, gain=3.0)
+_UP3_DOWN2 = kaiser_lowpass(145, 7600 / 48000, 80, gain=3.0)
 
 
 class _Pcm16Samples:
@@ -168,7 +168,7 @@ class InboundConverter:
         if self.resampler.kernel is not None:
             return self.resampler.kernel.ulaw_to_pcm16(mulaw_8k)
         x = _DECODE_F.take(np.frombuffer(mulaw_8k, np.uint8))
-        return _to_int16(self.resampler.process(x)).tobytes()
+        return to_int16(self.resampler.process(x)).tobytes()
 
 
 class OutboundConverter:
@@ -185,7 +185,7 @@ class OutboundConverter:
     def convert(self, pcm16_24k: bytes) -> bytes:
         if self.resampler.kernel is not None:
             return self.resampler.kernel.pcm16_to_ulaw(pcm16_24k)
-        y = _to_int16(self.resampler.process(self._samples.take(pcm16_24k)))
+        y = to_int16(self.resampler.process(self._samples.take(pcm16_24k)))
         return _ENCODE[y.view(np.uint16)].tobytes()
 
 
@@ -201,4 +201,4 @@ class PcmResampler:
     def convert(self, pcm16: bytes) -> bytes:
         if self.resampler.kernel is not None:
             return self.resampler.kernel.pcm16_to_pcm16(pcm16)
-        return _to_int16(self.resampler.process(self._samples.take(pcm16))).tobytes()
+        return to_int16(self.resampler.process(self._samples.take(pcm16))).tobytes()

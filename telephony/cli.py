@@ -39,12 +39,36 @@ def _parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="record every call into DIR as JSON Lines + WAV (TELEPHONY_RECORD_DIR; off)",
     )
+    simulate = commands.add_parser(
+        "simulate", help="place a simulated call (as Twilio would) and report how it went"
+    )
+    simulate.add_argument("wav", help="what the caller says: a WAV file (any rate, mono/stereo)")
+    simulate.add_argument(
+        "--url", help="a running server (e.g. http://127.0.0.1:8080); default: one in-process"
+    )
+    simulate.add_argument(
+        "--agent", default="echo", help="the in-process server's agent (default: echo)"
+    )
+    simulate.add_argument(
+        "--out", help="WAV of what the caller heard (default: CALLER-heard.wav beside CALLER)"
+    )
+    simulate.add_argument(
+        "--settle",
+        type=float,
+        default=3.0,
+        help="hang up once the agent has been quiet this long after the caller spoke (s)",
+    )
+    simulate.add_argument(
+        "--max-seconds", type=float, default=300.0, help="hang up after this long at most"
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     load_dotenv()
+    if args.command == "simulate":
+        return _simulate(args)
     try:
         settings = Settings.from_env(
             agent=args.agent,
@@ -70,6 +94,23 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     asyncio.run(_serve(app, settings))
     return 0
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from .simulate_command import main_simulate
+
+    try:
+        settings = Settings.from_env(agent=args.agent, session_db="")
+    except SettingsError as exc:
+        print(f"telephony: {exc}", file=sys.stderr)
+        return 2
+    args.auth_token = settings.twilio_auth_token
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return main_simulate(args, settings)
+    except AgentLoadError as exc:
+        print(f"telephony: {exc}", file=sys.stderr)
+        return 2
 
 
 async def _serve(app: object, settings: Settings) -> None:

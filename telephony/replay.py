@@ -178,9 +178,9 @@ def figures_from_recording(recording: Recording) -> CallFigures:
     )
 
 
-def figures_from_log(log: CallLog, script: list[ScriptStep]) -> CallFigures:
+def figures_from_log(log: CallLog) -> CallFigures:
     """The Twilio side's view of a call (what a replay against a remote server can see)."""
-    frames = [(s.t, s.payload) for s in script if s.event == "media"]
+    frames = [(t - log.started, payload) for t, payload in log.sent]
     return CallFigures(
         caller_speech=_speech(frames),
         agent_turns=_turns([(h.start - log.started, h.end - log.started) for h in log.heard]),
@@ -287,9 +287,7 @@ async def replay(
                 break
             await asyncio.sleep(0.1)
     figures = (
-        figures_from_recording(replayed)
-        if replayed is not None
-        else figures_from_log(sim.log, script)
+        figures_from_recording(replayed) if replayed is not None else figures_from_log(sim.log)
     )
     return ReplayResult(figures_from_recording(original), figures, sim.log, replayed)
 

@@ -69,6 +69,8 @@ class CallLog:
     """What the Twilio side saw, with monotonic timestamps."""
 
     started: float = 0.0
+    sent: list[tuple[float, bytes]] = field(default_factory=list)
+    """Caller audio frames as sent."""
     media: list[tuple[float, int]] = field(default_factory=list)
     clears: list[float] = field(default_factory=list)
     marks_received: int = 0
@@ -244,6 +246,7 @@ class CallerSimulator:
             timestamp=int(round((self._clock() - self.log.started) * 1000)),
             payload=payload,
         )
+        self.log.sent.append((self._clock(), payload))
         await self._send(media.to_json())
 
     async def _receive(self) -> None:

@@ -1,0 +1,153 @@
+"""`telephony simulate CALLER.wav`: one simulated phone call, start to end, with a report.
+
+The caller side says the WAV (once, after a second for the greeting), waits for the agent to
+finish, and hangs up; what the caller heard goes to a WAV and a per-turn summary is printed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+
+from .replay import CallFigures, figures_from_log
+from .simulate import CallerSimulator, WebhookError, place_call
+from .wavfile import read_wav, to_phone_audio, write_wav
+
+__all__ = ["SimulatedCall", "format_summary", "simulate_call"]
+
+GREETING_S = 1.0
+PROGRESS_EVERY_S = 0.25
+
+
+@dataclass
+class SimulatedCall:
+    call_sid: str
+    duration_s: float
+    figures: CallFigures
+    heard: np.ndarray
+    """What the caller heard, 8 kHz int16, from the stream's start."""
+
+
+async def simulate_call(
+    wav: str | Path,
+    *,
+    url: str = "",
+    app: Any = None,
+    auth_token: str = "",
+    public_url: str = "",
+    settle_s: float = 3.0,
+    max_s: float = 300.0,
+    progress: TextIO | None = None,
+) -> SimulatedCall:
+    """Places the call; raises WavError before dialling if the WAV cannot be read."""
+    audio = to_phone_audio(*read_wav(wav))
+    spoken_s = len(audio) / 8000
+    loop = asyncio.get_running_loop()
+    async with place_call(url, app=app, auth_token=auth_token, public_url=public_url) as sim:
+        reporter = asyncio.create_task(_report(sim, spoken_s, progress)) if progress else None
+        try:
+            await asyncio.sleep(GREETING_S)
+            await sim.say(audio)
+            await sim.finish_speaking()
+            spoke_until = loop.time()
+            deadline = sim.log.started + max_s
+            while loop.time() < deadline and not sim.closed.is_set():
+                last_heard = max((h.end for h in sim.log.heard), default=0.0)
+                if loop.time() - max(last_heard, spoke_until) >= settle_s:
+                    break
+                await asyncio.sleep(0.1)
+            duration = loop.time() - sim.log.started
+            await sim.hang_up()
+        finally:
+            if reporter is not None:
+                reporter.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reporter
+                progress.write("\n")  # type: ignore[union-attr]
+    return SimulatedCall(sim.call_sid, duration, figures_from_log(sim.log), sim.log.heard_pcm())
+
+
+async def _report(sim: CallerSimulator, spoken_s: float, out: TextIO) -> None:
+    loop = asyncio.get_running_loop()
+    tty = out.isatty()
+    every = PROGRESS_EVERY_S if tty else 2.0
+    while True:
+        await asyncio.sleep(every)
+        sent = sum(len(p) for _, p in sim.log.sent) / 8000
+        heard = sum(len(h.audio) for h in sim.log.heard) / 8000
+        line = (
+            f"[{loop.time() - sim.log.started:6.1f} s] caller audio {min(sent, spoken_s):.1f}"
+            f"/{spoken_s:.1f} s, agent audio heard {heard:.1f} s, clears {len(sim.log.clears)}"
+        )
+        out.write(("\r" + line) if tty else (line + "\n"))
+        out.flush()
+
+
+def format_summary(call: SimulatedCall) -> str:
+    f = call.figures
+    lines = [f"call {call.call_sid}: {call.duration_s:.1f} s"]
+    events: list[tuple[float, str]] = [
+        (s, f"caller spoke {s:.2f}-{e:.2f} s") for s, e in f.caller_speech
+    ]
+    for n, (start, end) in enumerate(f.agent_turns, 1):
+        before = [e for s, e in f.caller_speech if e <= start]
+        talking = any(s <= start < e for s, e in f.caller_speech)
+        if not before:
+            how = "before the caller spoke"
+        elif talking:
+            how = "while the caller was talking"
+        else:
+            how = f"{(start - max(before)) * 1000:.0f} ms after the caller stopped"
+        events.append((start, f"agent turn {n}: {start:.2f}-{end:.2f} s, {how}"))
+    events += [(t, f"clear at {t:.2f} s (barge-in)") for t in f.clears]
+    lines += ["  " + text for _, text in sorted(events)]
+    latencies = f.response_latencies
+    if latencies:
+        lines.append(
+            f"  response latency: median {np.median(latencies) * 1000:.0f} ms, "
+            f"max {max(latencies) * 1000:.0f} ms over {len(latencies)} turn(s)"
+        )
+    lines.append(
+        f"  barge-ins: {len(f.clears)}; marks: {f.marks_sent} sent, {f.marks_echoed} echoed"
+    )
+    return "\n".join(lines)
+
+
+def main_simulate(args: Any, settings: Any) -> int:
+    """The CLI's `simulate` command (argparse namespace in, exit status out)."""
+    from .wavfile import WavError
+
+    wav = Path(args.wav)
+    out = Path(args.out) if args.out else wav.with_name(wav.stem + "-heard.wav")
+
+    async def run() -> SimulatedCall:
+        kwargs: dict[str, Any] = dict(
+            settle_s=args.settle, max_s=args.max_seconds, progress=sys.stderr
+        )
+        if args.url:
+            return await simulate_call(wav, url=args.url, auth_token=args.auth_token, **kwargs)
+        from .app import create_app
+
+        app = create_app(settings)
+        async with app.test_app():
+            return await simulate_call(wav, app=app, **kwargs)
+
+    try:
+        read_wav(wav)
+        call = asyncio.run(run())
+    except WavError as exc:
+        print(f"telephony simulate: {exc}", file=sys.stderr)
+        return 2
+    except (OSError, WebhookError) as exc:
+        print(f"telephony simulate: the call failed: {exc}", file=sys.stderr)
+        return 1
+    write_wav(out, call.heard)
+    print(format_summary(call))
+    print(f"what the caller heard: {out}")
+    return 0
