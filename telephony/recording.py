@@ -133,6 +133,8 @@ def load_recording(path: str | Path) -> Recording:
             text = f.read()
     except (OSError, EOFError, UnicodeDecodeError) as exc:
         raise RecordingError(f"{path}: cannot read: {exc}") from exc
+    if not text.strip():
+        raise RecordingError(f"{path}: empty, expected a {FORMAT} header line")
     lines = text.split("\n")
     complete = text.endswith("\n")
     if complete:
@@ -151,8 +153,7 @@ def load_recording(path: str | Path) -> Recording:
             recording = Recording(_check_header(obj, where))
         else:
             recording.entries.append(_check_entry(obj, where))
-    if recording is None:
-        raise RecordingError(f"{path}: empty, expected a {FORMAT} header line")
+    assert recording is not None  # the text was not empty, so line 1 was the header
     return recording
 
 

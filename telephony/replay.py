@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .agents import AgentSpec
 from .audio import InboundConverter
 from .recording import Recording, load_recording
 from .simulate import CallerSimulator, CallLog, place_call
@@ -292,15 +293,20 @@ async def replay(
     return ReplayResult(figures_from_recording(original), figures, sim.log, replayed)
 
 
-def replay_in_process(recording: Recording | str | Path, app_factory: Any = None) -> ReplayResult:
-    """Replays against a fresh in-process server on a virtual clock (the echo agent unless
-    `app_factory(settings)` builds another app from the given `Settings`)."""
+def replay_in_process(
+    recording: Recording | str | Path, agent: str | AgentSpec = "echo", **settings: Any
+) -> ReplayResult:
+    """Replays against a fresh in-process server on a virtual clock: deterministic, and as
+    fast as the CPU allows. `agent` is `echo`, an agent folder, or an `AgentSpec` (your own
+    app, e.g. with a scripted model); `settings` override `Settings` fields. Agents that do
+    their work in threads (or real network models) need `replay(url=...)` in real time."""
     from .app import create_app
     from .settings import Settings
 
     async def main(record_dir: Path) -> ReplayResult:
-        settings = Settings(agent="echo", session_db="", record_dir=str(record_dir))
-        app = (app_factory or create_app)(settings)
+        name = agent if isinstance(agent, str) else "custom"
+        config = Settings(agent=name, session_db="", record_dir=str(record_dir), **settings)
+        app = create_app(config, agent if isinstance(agent, AgentSpec) else None)
         async with app.test_app():
             return await replay(recording, app=app, record_dir=record_dir)
 

@@ -21,6 +21,11 @@ FRAME_MS = 20
 FRAME_BYTES = SAMPLE_RATE * FRAME_MS // 1000 * 2
 FLOOR_RISE = 10 ** (0.05 / 10)
 """The noise floor follows quieter frames at once and louder ones by 0.05 dB a frame (2.5 dB/s)."""
+STEADY_FRAMES = 25
+STEADY_SPREAD = 10 ** (6 / 10)
+"""Energy that stays within 6 dB for 500 ms is noise, not speech (whose syllables swing it far
+more): the floor jumps to it, so noise that starts suddenly, after digital silence, counts as
+speech for half a second at most rather than until the slow rise catches up."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +66,7 @@ class VoiceActivityDetector:
         self._silent_run = 0
         self._min_ratio = 10 ** (min_snr_db / 10)
         self._floor = 0.0
+        self._energies: deque[float] = deque(maxlen=STEADY_FRAMES)
         self._warmup_frames = warmup_ms // FRAME_MS
         self.speaking = False
 
@@ -103,6 +109,11 @@ class VoiceActivityDetector:
         samples = np.frombuffer(frame, np.int16).astype(np.float32)
         energy = float(np.dot(samples, samples)) / len(samples) + 1.0
         self._floor = energy if not self._floor else min(energy, self._floor * FLOOR_RISE)
+        self._energies.append(energy)
+        if len(self._energies) == STEADY_FRAMES:
+            quietest = min(self._energies)
+            if max(self._energies) < quietest * STEADY_SPREAD:
+                self._floor = max(self._floor, quietest)
         return energy >= self._floor * self._min_ratio and self._vad.is_speech(frame, SAMPLE_RATE)
 
     def end_of_stream(self) -> SpeechEnd | None:

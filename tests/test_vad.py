@@ -56,6 +56,19 @@ def test_no_false_triggers_on_30_s_of_noise(kind: str, rms: int) -> None:
     assert _run(line_noise(30, kind, rms)) == []
 
 
+@pytest.mark.parametrize("kind", ["white", "hum", "line"])
+@pytest.mark.parametrize("rms", [300, 1000, 3000])
+def test_noise_starting_after_silence_is_speech_for_a_moment_at_most(kind: str, rms: int) -> None:
+    """A caller who walks into a noisy street: the onset may trigger once, the noise must not
+    count as speech beyond a second, and never trigger again."""
+    events = _run(b"\xff" * 16000 + line_noise(20, kind, rms))
+    starts = [e for e in events if isinstance(e, SpeechStart)]
+    ends = [e for e in events if isinstance(e, SpeechEnd)]
+    assert len(starts) <= 1
+    if starts:
+        assert len(ends) == 1 and ends[0].offset_ms - 2000 <= 1000
+
+
 def test_end_of_stream_closes_an_utterance() -> None:
     conv, vad = InboundConverter(), VoiceActivityDetector()
     speech = fixture("stop")
