@@ -224,6 +224,9 @@ class ReplayResult:
     Twilio side."""
     log: CallLog
     recording: Recording | None
+    leftover_tasks: list[str] | None = None
+    """In-process replays: the per-call tasks still alive once the call was over (should be
+    none: every call ends everything it owns)."""
 
     def differences(self, tolerance_s: float = 0.3) -> list[str]:
         return compare(self.original, self.figures, tolerance_s=tolerance_s)
@@ -308,7 +311,19 @@ def replay_in_process(
         config = Settings(agent=name, session_db="", record_dir=str(record_dir), **settings)
         app = create_app(config, agent if isinstance(agent, AgentSpec) else None)
         async with app.test_app():
-            return await replay(recording, app=app, record_dir=record_dir)
+            result = await replay(recording, app=app, record_dir=record_dir)
+            calls = app.extensions["telephony.calls"]
+            for _ in range(100):
+                if not len(calls):
+                    break
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(0)
+            result.leftover_tasks = [
+                t.get_name()
+                for t in asyncio.all_tasks()
+                if t.get_name().split("-")[0] in ("pump", "player", "watch")
+            ]
+            return result
 
     with tempfile.TemporaryDirectory(prefix="telephony-replay-") as tmp:
         return run_virtual(main(Path(tmp)))

@@ -3,6 +3,7 @@ virtual clock: each call must go as it went when it was recorded, and as the sce
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from collections.abc import Callable
 from pathlib import Path
@@ -10,8 +11,18 @@ from pathlib import Path
 import pytest
 
 from telephony.recording import Recording, load_recording
-from telephony.replay import CallFigures, ReplayResult, figures_from_recording, replay_in_process
+from telephony.replay import (
+    CallFigures,
+    ReplayResult,
+    compare,
+    figures_from_log,
+    figures_from_recording,
+    replay,
+    replay_in_process,
+)
 from telephony.simulate import CallLog
+
+from .server import running_server
 
 CALLS = Path(__file__).parent / "calls"
 
@@ -136,6 +147,7 @@ def test_recorded_call_replays_the_same_way(name: str) -> None:
     assert result.differences(tolerance_s=0.3) == []
     assert result.figures.end_reason == result.original.end_reason
     assert result.log.protocol_errors == []
+    assert result.leftover_tasks == []
     if result.figures.end_reason == "caller hung up (stop)" and name != "hang_up_mid_reply":
         assert result.figures.marks_echoed == result.figures.marks_sent
 
@@ -149,3 +161,22 @@ def test_recorded_call_meets_its_scenario(name: str, which: str) -> None:
         original = load_recording(CALLS / f"{name}.jsonl.gz")
         figures = figures_from_recording(original)
         CHECKS[name](ReplayResult(figures, figures, CallLog(), original))
+
+
+def test_replay_in_real_time_against_a_running_server(tmp_path: Path) -> None:
+    """The same call, replayed over the network against a real server on the wall clock."""
+    record_dir = tmp_path / "recordings"
+    with running_server(tmp_path, record_dir=str(record_dir)) as server:
+        result = asyncio.run(
+            replay(CALLS / "late_barge_in.jsonl.gz", url=server.base_url, record_dir=record_dir)
+        )
+    assert result.recording is not None
+    assert result.differences(tolerance_s=0.3) == []
+    check_late_barge_in(result)
+    twilio_side = figures_from_log(result.log)  # what the caller's end saw agrees
+    assert compare(result.figures, twilio_side, tolerance_s=0.1) == []
+
+
+def test_the_call_replay_fixture_is_installed(call_replay: Callable[..., ReplayResult]) -> None:
+    result = call_replay(CALLS / "one_turn.jsonl.gz", agent="echo")
+    assert result.differences() == []
