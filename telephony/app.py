@@ -43,6 +43,8 @@ def create_app(settings: Settings, spec: AgentSpec | None = None) -> Quart:
         caller_silence_ms=settings.caller_silence_ms,
         greeting=spec.greeting,
         record_dir=Path(settings.record_dir) if settings.record_dir else None,
+        model_restarts=settings.model_restarts,
+        model_stall_s=settings.model_stall_s,
     )
     calls = CallRegistry(
         lambda info: Call(info, runner=runner, run_config=spec.run_config, options=options),

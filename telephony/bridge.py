@@ -12,9 +12,11 @@ and a slow consumer stalls the model.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 from google.adk.agents.live_request_queue import LiveRequestQueue
@@ -29,7 +31,7 @@ from .playback import Player, UnknownMark
 from .recording import CallRecorder
 from .vad import SpeechStart, VoiceActivityDetector
 
-__all__ = ["Call", "CallInfo", "CallOptions"]
+__all__ = ["Call", "CallInfo", "CallOptions", "ModelStalled"]
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +39,19 @@ AGENT_AUDIO_MIME = "audio/pcm;rate=24000"
 CALLER_AUDIO_MIME = "audio/pcm;rate=16000"
 CLOSE_GRACE_S = 3.0
 """How long the live session gets to wind down after the queue is closed before it is cancelled."""
+ATTACH_WAIT_S = 5.0
+"""Last words for a call whose stream is not open yet wait this long for it."""
+LAST_WORDS_MARGIN_S = 2.0
+"""Beyond its own length, how long a closing message may take to play before we hang up."""
+
+
+def asset(name: str) -> bytes:
+    """A recorded message shipped with the package (8 kHz mu-law), playable without a model."""
+    return (resources.files("telephony") / "assets" / f"{name}.ulaw").read_bytes()
+
+
+class ModelStalled(RuntimeError):
+    """The live session went silent while the caller waited for an answer."""
 
 
 @dataclass(frozen=True)
@@ -55,6 +70,12 @@ class CallOptions:
     greeting: str | None = None
     record_dir: Path | None = None
     """Write each call's recording (JSON Lines and WAV) here; None: do not record."""
+    model_restarts: int = 3
+    """Times run_live is restarted after failing (ADK's own reconnects exhausted) before the
+    caller hears an apology and the call ends; any model event in between resets the count."""
+    model_stall_s: float = 15.0
+    """The caller finished speaking and the model has said nothing at all for this long: the
+    live session is taken as stalled and restarted."""
 
 
 class Call:
@@ -84,14 +105,20 @@ class Call:
         )
         self.player = Player(lead_ms=options.playback_lead_ms, clock=clock)
         self.stream_sid = ""
+        self._attached = asyncio.Event()
         self.done = asyncio.Event()
         """Set once the call is over, whoever ended it; the socket handler then hangs up."""
         self.end_reason = ""
         self._generating = False
         self._discarding = False
+        self._ending = False
+        """Saying last words: no agent audio and no barge-in any more."""
         self._last_media = clock()
         self._caller_audio_ended = False
         self._tasks: list[asyncio.Task[None]] = []
+        self._run: asyncio.Task[None] | None = None
+        self._model_events = 0
+        self._awaiting_reply_since: float | None = None
         self._closing: asyncio.Task[None] | None = None
         self.barge_ins = 0
         self.recorder = (
@@ -140,6 +167,7 @@ class Call:
                 await unrecorded(text)
 
         self.player.attach(start.stream_sid, send)
+        self._attached.set()
         self._log("media stream %s attached", start.stream_sid)
 
     async def handle(self, event: InboundEvent) -> None:
@@ -171,8 +199,13 @@ class Call:
         self.live_queue.send_realtime(types.Blob(data=pcm, mime_type=CALLER_AUDIO_MIME))
         self._last_media = self._clock()
         self._caller_audio_ended = False
-        onsets = [e for e in self._vad.feed(pcm) if isinstance(e, SpeechStart)]
-        return bool(onsets) and self.player.busy()
+        onset = False
+        for event in self._vad.feed(pcm):
+            if isinstance(event, SpeechStart):
+                onset = True
+            elif self._awaiting_reply_since is None:
+                self._awaiting_reply_since = self._clock()
+        return onset and self.player.busy() and not self._ending
 
     async def _barge_in(self, source: str) -> None:
         """Cut the agent off: nothing of the interrupted turn reaches the caller any more."""
@@ -185,10 +218,16 @@ class Call:
 
     async def _watch_caller(self) -> None:
         """Twilio normally streams 20 ms every 20 ms; when the caller's frames stop, tell the
-        model the audio ended so it does not wait for silence that will never arrive."""
+        model the audio ended so it does not wait for silence that will never arrive. And when
+        the caller waits for an answer that does not come, restart the stalled session."""
         period = self._options.caller_silence_ms / 4000
         while True:
             await asyncio.sleep(period)
+            waiting = self._awaiting_reply_since
+            if waiting is not None and self._clock() - waiting >= self._options.model_stall_s:
+                self._awaiting_reply_since = None
+                if self._run is not None:
+                    self._run.cancel()
             if (
                 self.stream_sid
                 and not self._caller_audio_ended
@@ -200,22 +239,76 @@ class Call:
                 self._log("caller audio stopped; sent audio_stream_end")
 
     async def _pump(self) -> None:
-        try:
-            async for event in self._runner.run_live(
-                user_id=self.info.caller or "unknown",
-                session_id=self.info.call_sid,
-                live_request_queue=self.live_queue,
-                run_config=self._run_config,
-            ):
-                await self._on_model_event(event)
-                await self.player.flush()
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            self._log("live session failed: %r", exc, level=logging.ERROR)
-            self._finish(f"live session failed: {type(exc).__name__}")
-        else:
-            self._finish("live session ended")
+        """Runs the live session, and runs it again when it fails (see `model_restarts`)."""
+        failures = 0
+        while True:
+            self._model_events = 0
+            run = asyncio.create_task(self._run_live(), name=f"live-{self.info.call_sid}")
+            self._run = run
+            try:
+                await asyncio.wait({run})
+            except asyncio.CancelledError:
+                run.cancel()
+                raise
+            if self.done.is_set():
+                return
+            error = (
+                ModelStalled(f"no model events for {self._options.model_stall_s:.0f} s")
+                if run.cancelled()
+                else run.exception()
+            )
+            if error is None:
+                self._finish("live session ended")
+                return
+            failures = 1 if self._model_events else failures + 1
+            if failures > self._options.model_restarts:
+                self._log("live session failed for good: %r", error, level=logging.ERROR)
+                await self.end_with(asset("apology"), "live session failed")
+                return
+            self._log(
+                "live session failed (%r); restarting it on the same session (%d of %d)",
+                error,
+                failures,
+                self._options.model_restarts,
+                level=logging.WARNING,
+            )
+            self._restart_queue()
+            await asyncio.sleep(0.2 * failures)
+
+    async def _run_live(self) -> None:
+        async for event in self._runner.run_live(
+            user_id=self.info.caller or "unknown",
+            session_id=self.info.call_sid,
+            live_request_queue=self.live_queue,
+            run_config=self._run_config,
+        ):
+            self._model_events += 1
+            self._awaiting_reply_since = None
+            await self._on_model_event(event)
+            await self.player.flush()
+
+    def _restart_queue(self) -> None:
+        """A fresh queue for the new run_live: the old one is closed, and caller audio from
+        the outage is not worth sending to a model that has moved on."""
+        old, self.live_queue = self.live_queue, LiveRequestQueue()
+        old.close()
+        self._generating = self._discarding = False
+        self._awaiting_reply_since = None
+
+    async def end_with(self, mulaw: bytes, reason: str) -> None:
+        """Plays a last message to the caller (instead of anything the agent had queued), then
+        ends the call once it has been heard."""
+        self._ending = True
+        await self.player.clear()
+        with contextlib.suppress(TimeoutError):  # failed before the stream opened: wait for it
+            await asyncio.wait_for(self._attached.wait(), ATTACH_WAIT_S)
+        if self.stream_sid:
+            self.player.enqueue(mulaw)
+            await self.player.flush()
+            deadline = self._clock() + len(mulaw) / 8000 + LAST_WORDS_MARGIN_S
+            while self.player.busy() and self._clock() < deadline:
+                await asyncio.sleep(0.05)
+        self._finish(reason)
 
     async def _on_model_event(self, event: Event) -> None:
         if self.recorder is not None:
@@ -237,7 +330,7 @@ class Call:
             self._end_turn()
 
     def _on_agent_audio(self, pcm: bytes, mime_type: str) -> None:
-        if self._discarding:
+        if self._discarding or self._ending:
             return
         if mime_type.replace(" ", "") != AGENT_AUDIO_MIME:
             self._log("dropped agent audio in unexpected format %s", mime_type, level=logging.ERROR)

@@ -321,7 +321,7 @@ def replay_in_process(
             result.leftover_tasks = [
                 t.get_name()
                 for t in asyncio.all_tasks()
-                if t.get_name().split("-")[0] in ("pump", "player", "watch")
+                if t.get_name().split("-")[0] in ("pump", "player", "watch", "live")
             ]
             return result
 

@@ -45,6 +45,10 @@ class Settings:
     """20 ms speech frames (out of the last 6) that count as the caller talking over the agent."""
     caller_silence_ms: int = 1000
     """No media from the caller for this long ends the caller's audio stream for the model."""
+    model_restarts: int = 3
+    """Restarts of a failed live session before the caller hears an apology and is hung up."""
+    model_stall_s: float = 15.0
+    """The caller waits this long for any answer: the live session is restarted."""
     stream_connect_timeout_s: float = 30.0
     """A call answered by the webhook whose media stream never arrives is dropped after this."""
     log_level: str = "INFO"
@@ -83,6 +87,10 @@ class Settings:
             raise SettingsError("TELEPHONY_BARGE_IN_AGGRESSIVENESS must be 0-3")
         if not 1 <= self.barge_in_frames <= 6:
             raise SettingsError("TELEPHONY_BARGE_IN_FRAMES must be 1-6")
+        if self.model_restarts < 0:
+            raise SettingsError("TELEPHONY_MODEL_RESTARTS must be 0 or more")
+        if self.model_stall_s <= 0:
+            raise SettingsError("TELEPHONY_MODEL_STALL_S must be positive")
         if self.playback_lead_ms < 40:
             raise SettingsError("TELEPHONY_PLAYBACK_LEAD_MS must be at least 40")
 

@@ -33,7 +33,9 @@ class RunningServer:
     def call_tasks(self) -> list[str]:
         """Names of the per-call tasks still alive in the server's loop."""
         future = asyncio.run_coroutine_threadsafe(_task_names(), self.loop)
-        return [n for n in future.result(5) if n.split("-")[0] in ("pump", "player", "watch")]
+        return [
+            n for n in future.result(5) if n.split("-")[0] in ("pump", "player", "watch", "live")
+        ]
 
 
 async def _task_names() -> list[str]:

@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from dataclasses import dataclass
 
 import numpy as np
 from google.adk.agents import LlmAgent
@@ -21,11 +22,14 @@ from google.adk.models import BaseLlm, LlmRequest, LlmResponse
 from google.adk.models.base_llm_connection import BaseLlmConnection
 from google.adk.models.registry import LLMRegistry
 from google.genai import types
+from pydantic import PrivateAttr
+from websockets.exceptions import ConnectionClosedError
+from websockets.frames import Close
 
 from ..audio import PcmResampler
 from ..vad import SpeechEnd, SpeechStart, VoiceActivityDetector
 
-__all__ = ["EchoConnection", "EchoLlm", "chime", "echo_app"]
+__all__ = ["EchoConnection", "EchoFaults", "EchoLlm", "chime", "echo_app"]
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +51,50 @@ def chime(duration_s: float = 0.45) -> bytes:
     return wave.astype("<i2").tobytes()
 
 
+@dataclass(frozen=True)
+class EchoFaults:
+    """Failures the simulated model produces on demand, the way Gemini Live fails, so tests
+    can show that calls survive them. Times count from each connection's opening."""
+
+    fail_connects: int = 0
+    """The first N connection attempts fail (ADK cannot reconnect; run_live raises)."""
+    drop_after_s: float | None = None
+    """Each connection drops (close code 1011) this long after it opened."""
+    go_away_after_s: float | None = None
+    """Each connection sends `go_away` this long after it opened (ADK then reconnects)."""
+    stall_after_s: float | None = None
+    """Each connection stops answering (and listening) this long after it opened."""
+    reply_delay_s: float = 0.0
+    """Extra thinking time before each reply."""
+    resumable: bool = True
+    """Send session resumption handles (without them, ADK cannot reconnect after a drop)."""
+    faulty_connections: int | None = None
+    """Drops, go_aways, stalls and delays hit only the first N connections (None: all)."""
+
+
+_DROP = LlmResponse()
+"""Queued in place of a response: receive() raises a dropped connection."""
+
+
 class EchoConnection(BaseLlmConnection):
     """One live session of the echo model: reads what the caller says, repeats it."""
 
-    def __init__(self, *, speed: float, greet: bool, vad_disabled: bool) -> None:
+    def __init__(
+        self,
+        *,
+        speed: float,
+        greet: bool,
+        vad_disabled: bool,
+        faults: EchoFaults = EchoFaults(),
+        resumed: bool = False,
+    ) -> None:
         self._speed = speed
+        self.faults = faults
+        self.resumed = resumed
+        """Opened with a session resumption handle."""
+        self.history: list[types.Content] = []
+        """What ADK sent as history (a run_live restarted on an existing session)."""
+        self._stalled = False
         self._vad_disabled = vad_disabled
         self._responses: asyncio.Queue[LlmResponse | None] = asyncio.Queue()
         self._vad = VoiceActivityDetector(end_ms=600)
@@ -63,15 +106,52 @@ class EchoConnection(BaseLlmConnection):
         self._closed = False
         if greet:
             self._generation = asyncio.create_task(self._speak(chime(), "(chime)"))
+        if faults.resumable:
+            self._resumption_update()
+        self._fault_tasks = [
+            asyncio.create_task(self._after(delay, action))
+            for delay, action in (
+                (faults.drop_after_s, lambda: self._responses.put_nowait(_DROP)),
+                (
+                    faults.go_away_after_s,
+                    lambda: self._responses.put_nowait(
+                        LlmResponse(go_away=types.LiveServerGoAway(time_left="1s"))
+                    ),
+                ),
+                (faults.stall_after_s, self._stall),
+            )
+            if delay is not None
+        ]
+
+    async def _after(self, delay: float, action: Callable[[], None]) -> None:
+        await asyncio.sleep(delay)
+        action()
+
+    def _stall(self) -> None:
+        self._stalled = True
+        if self._generation is not None:
+            self._generation.cancel()
+
+    def _resumption_update(self) -> None:
+        self._responses.put_nowait(
+            LlmResponse(
+                live_session_resumption_update=types.LiveServerSessionResumptionUpdate(
+                    new_handle=f"echo-{id(self):x}-{self._heard_base}", resumable=True
+                )
+            )
+        )
 
     async def send_history(self, history: list[types.Content]) -> None:
-        """History carries no audio; the echo has nothing to say about it."""
+        """History carries no audio; the echo only keeps it for tests to look at."""
+        self.history = list(history)
 
     async def send_content(self, content: types.Content) -> None:
         if content.parts and any(p.function_response for p in content.parts):
             self._responses.put_nowait(LlmResponse(turn_complete=True))
 
     async def send_realtime(self, blob: types.Blob) -> None:
+        if self._stalled:
+            return
         if isinstance(blob, types.ActivityStart):
             self._on_speech_start(self._heard_base + len(self._heard))
         elif isinstance(blob, types.ActivityEnd):
@@ -128,9 +208,13 @@ class EchoConnection(BaseLlmConnection):
             )
         )
         reply = PcmResampler(3, 2).convert(utterance)
-        self._generation = asyncio.create_task(self._speak(reply, f"(echo of {seconds:.1f} s)"))
+        self._generation = asyncio.create_task(
+            self._speak(reply, f"(echo of {seconds:.1f} s)", delay=self.faults.reply_delay_s)
+        )
 
-    async def _speak(self, pcm24: bytes, text: str) -> None:
+    async def _speak(self, pcm24: bytes, text: str, delay: float = 0.0) -> None:
+        if delay:
+            await asyncio.sleep(delay)
         step = CHUNK_MS * OUT_RATE // 1000 * 2
         self._responses.put_nowait(
             LlmResponse(output_transcription=types.Transcription(text=text, finished=False))
@@ -145,6 +229,8 @@ class EchoConnection(BaseLlmConnection):
             LlmResponse(output_transcription=types.Transcription(text=text, finished=True))
         )
         self._responses.put_nowait(LlmResponse(turn_complete=True))
+        if self.faults.resumable:
+            self._resumption_update()
 
     async def receive(self) -> AsyncGenerator[LlmResponse, None]:
         # ADK calls receive() again whenever it returns after yielding; returning without
@@ -153,6 +239,10 @@ class EchoConnection(BaseLlmConnection):
             response = await self._responses.get()
             if response is None:
                 return
+            if response is _DROP:
+                raise ConnectionClosedError(Close(1011, "simulated drop"), None)
+            if self._stalled:
+                continue
             yield response
 
     async def close(self) -> None:
@@ -161,6 +251,8 @@ class EchoConnection(BaseLlmConnection):
         self._closed = True
         if self._generation is not None:
             self._generation.cancel()
+        for task in self._fault_tasks:
+            task.cancel()
         self._responses.put_nowait(None)
 
 
@@ -171,6 +263,14 @@ class EchoLlm(BaseLlm):
     model: str = "echo-live"
     speed: float = 4.0
     greet: bool = True
+    faults: EchoFaults = EchoFaults()
+    _connections: list[EchoConnection] = PrivateAttr(default_factory=list)
+    _attempts: int = PrivateAttr(default=0)
+
+    @property
+    def connections(self) -> list[EchoConnection]:
+        """Every connection this model opened, oldest first (for tests)."""
+        return self._connections
 
     @classmethod
     def supported_models(cls) -> list[str]:
@@ -190,11 +290,20 @@ class EchoLlm(BaseLlm):
             if (config and config.realtime_input_config)
             else None
         )
+        self._attempts += 1
+        if self._attempts <= self.faults.fail_connects:
+            raise ConnectionClosedError(Close(1011, "simulated connect failure"), None)
+        handle = config.session_resumption.handle if config and config.session_resumption else None
+        limit = self.faults.faulty_connections
+        healthy = limit is not None and len(self._connections) >= limit
         connection = EchoConnection(
             speed=self.speed,
-            greet=self.greet,
+            greet=self.greet and not handle and not llm_request.contents,
             vad_disabled=bool(detection and detection.disabled),
+            faults=EchoFaults(resumable=self.faults.resumable) if healthy else self.faults,
+            resumed=bool(handle),
         )
+        self._connections.append(connection)
         try:
             yield connection
         finally:
@@ -204,10 +313,10 @@ class EchoLlm(BaseLlm):
 LLMRegistry.register(EchoLlm)
 
 
-def echo_app(speed: float = 4.0, greet: bool = True) -> App:
+def echo_app(speed: float = 4.0, greet: bool = True, faults: EchoFaults = EchoFaults()) -> App:
     agent = LlmAgent(
         name="echo",
-        model=EchoLlm(speed=speed, greet=greet),
+        model=EchoLlm(speed=speed, greet=greet, faults=faults),
         instruction="Repeat what the caller says.",
     )
     return App(name="echo", root_agent=agent)
