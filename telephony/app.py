@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from google.adk.runners import Runner
@@ -26,6 +27,13 @@ log = logging.getLogger(__name__)
 STREAM_PATH = "/stream"
 MAX_FRAME_BYTES = 64 * 1024
 """A 20 ms media frame is about 300 bytes of JSON; anything this large is not Twilio."""
+MAX_BAD_MESSAGES = 50
+"""A socket that sends this many malformed messages is not Twilio having a bad moment: it
+is closed."""
+START_TIMEOUT_S = 10.0
+"""Twilio sends `connected` and `start` at once; a socket without `start` by then is closed."""
+SEND_TIMEOUT_S = 5.0
+"""A write to Twilio that has not gone out in this long means the socket is dead: hang up."""
 
 
 def create_app(settings: Settings, spec: AgentSpec | None = None) -> Quart:
@@ -141,38 +149,59 @@ async def serve_stream(calls: CallRegistry) -> None:
 async def _read_stream(calls: CallRegistry, claimed: list[Call], finished: asyncio.Event) -> None:
     watchers: list[asyncio.Task[None]] = []
     where = "stream"
+    bad = 0
+
+    def refuse(problem: str) -> bool:
+        """Logs a bad message; True when the socket has sent too many and must go."""
+        nonlocal bad
+        bad += 1
+        log.warning("%s: %s", where, problem)
+        if bad >= MAX_BAD_MESSAGES:
+            log.warning("%s: closing the stream after %d bad messages", where, bad)
+            return True
+        return False
+
     try:
         while True:
-            frame = await websocket.receive()
-            if len(frame) > MAX_FRAME_BYTES:
-                log.warning(
-                    "%s: dropped a %d-byte frame (limit %d)", where, len(frame), MAX_FRAME_BYTES
+            try:
+                frame = await asyncio.wait_for(
+                    websocket.receive(), None if claimed else START_TIMEOUT_S
                 )
+            except TimeoutError:
+                log.warning("stream: no start within %.0f s; closing it", START_TIMEOUT_S)
+                return
+            if len(frame) > MAX_FRAME_BYTES:
+                if refuse(f"dropped a {len(frame)}-byte frame (limit {MAX_FRAME_BYTES})"):
+                    return
                 continue
             try:
                 event = parse(frame)
             except ProtocolError as exc:
-                log.warning("%s: ignored malformed message: %s", where, exc)
+                if refuse(f"ignored malformed message: {exc}"):
+                    return
                 continue
             if isinstance(event, Connected):
                 continue
             if isinstance(event, Start):
                 if claimed:
-                    log.warning("%s: ignored a second start on the same socket", where)
+                    if refuse("ignored a second start on the same socket"):
+                        return
                     continue
                 params = event.custom_parameters
                 info = CallInfo(event.call_sid, params.get("caller", ""), params.get("callee", ""))
                 call = calls.claim(info)
                 claimed.append(call)
-                call.attach(event, websocket.send)
+                call.attach(event, _sender(call))
                 where = f"call {event.call_sid}"
                 watchers.append(asyncio.create_task(_set_when(call.done, finished)))
                 continue
             if not claimed:
-                log.warning("stream: ignored %s before start", type(event).__name__.lower())
+                if refuse(f"ignored {type(event).__name__.lower()} before start"):
+                    return
                 continue
             if event.stream_sid != claimed[0].stream_sid:
-                log.warning("%s: ignored a message for stream %s", where, event.stream_sid)
+                if refuse(f"ignored a message for stream {event.stream_sid:.40}"):
+                    return
                 continue
             await claimed[0].handle(event)
             if claimed[0].done.is_set():
@@ -181,6 +210,27 @@ async def _read_stream(calls: CallRegistry, claimed: list[Call], finished: async
         for watcher in watchers:
             watcher.cancel()
         finished.set()
+
+
+def _sender(call: Call) -> Callable[[str], Awaitable[None]]:
+    """Writes to Twilio, giving up on a socket that stopped taking data (the call ends)."""
+    dead = False
+    write = websocket.send  # bound here: the call's tasks run outside the websocket context
+
+    async def send(text: str) -> None:
+        nonlocal dead
+        if dead:
+            return
+        try:
+            await asyncio.wait_for(write(text), SEND_TIMEOUT_S)
+        except TimeoutError:
+            dead = True
+            log.warning(
+                "call %s: Twilio stopped reading for %.0f s", call.info.call_sid, SEND_TIMEOUT_S
+            )
+            call.end("Twilio socket stalled")
+
+    return send
 
 
 async def _set_when(source: asyncio.Event, target: asyncio.Event) -> None:

@@ -50,6 +50,22 @@ def asset(name: str) -> bytes:
     return (resources.files("telephony") / "assets" / f"{name}.ulaw").read_bytes()
 
 
+CALLER_BACKLOG_LIMIT = 250
+"""Requests (20 ms frames) waiting for the model beyond which caller audio is dropped."""
+
+
+class CallerAudioQueue(LiveRequestQueue):
+    """ADK's queue never pushes back. When the model stops reading (a stall, a reconnect),
+    caller audio beyond 5 s of backlog is dropped, newest first, rather than piling up:
+    what the caller says once the model is back still gets through at once."""
+
+    def offer(self, blob: types.Blob) -> bool:
+        if self._queue.qsize() >= CALLER_BACKLOG_LIMIT:
+            return False
+        self.send_realtime(blob)
+        return True
+
+
 class ModelStalled(RuntimeError):
     """The live session went silent while the caller waited for an answer."""
 
@@ -97,7 +113,7 @@ class Call:
         self._run_config = run_config
         self._options = options
         self._clock = clock
-        self.live_queue = LiveRequestQueue()
+        self.live_queue = CallerAudioQueue()
         self._inbound = InboundConverter()
         self._outbound = OutboundConverter()
         self._vad = VoiceActivityDetector(
@@ -121,6 +137,9 @@ class Call:
         self._awaiting_reply_since: float | None = None
         self._closing: asyncio.Task[None] | None = None
         self.barge_ins = 0
+        self.caller_audio_dropped = 0
+        """Caller frames dropped because the model was not reading them."""
+        self._backlog_cleared = True
         self.recorder = (
             CallRecorder(
                 options.record_dir,
@@ -196,7 +215,15 @@ class Call:
     def _on_media(self, mulaw: bytes) -> bool:
         """Caller audio to the model; True when the caller just started talking over the agent."""
         pcm = self._inbound.convert(mulaw)
-        self.live_queue.send_realtime(types.Blob(data=pcm, mime_type=CALLER_AUDIO_MIME))
+        if self.live_queue.offer(types.Blob(data=pcm, mime_type=CALLER_AUDIO_MIME)):
+            if self.caller_audio_dropped and not self._backlog_cleared:
+                self._backlog_cleared = True
+                self._log("the model reads caller audio again")
+        else:
+            if not self.caller_audio_dropped or self._backlog_cleared:
+                self._log("the model is not reading: dropping caller audio", level=logging.WARNING)
+            self._backlog_cleared = False
+            self.caller_audio_dropped += 1
         self._last_media = self._clock()
         self._caller_audio_ended = False
         onset = False
@@ -290,7 +317,7 @@ class Call:
     def _restart_queue(self) -> None:
         """A fresh queue for the new run_live: the old one is closed, and caller audio from
         the outage is not worth sending to a model that has moved on."""
-        old, self.live_queue = self.live_queue, LiveRequestQueue()
+        old, self.live_queue = self.live_queue, CallerAudioQueue()
         old.close()
         self._generating = self._discarding = False
         self._awaiting_reply_since = None
@@ -348,6 +375,10 @@ class Call:
         self._log("task %s failed: %r", task.get_name(), task.exception(), level=logging.ERROR)
         self._finish(f"internal error in {task.get_name()}")
 
+    def end(self, reason: str) -> None:
+        """Ends the call from outside (the socket handler then hangs up and closes it)."""
+        self._finish(reason)
+
     def _finish(self, reason: str) -> None:
         if not self.end_reason:
             self.end_reason = reason
@@ -369,13 +400,16 @@ class Call:
                 self.recorder.close(self.end_reason)
         ledger = self.player.ledger
         self._log(
-            "ended: %s; agent audio sent %.1f s, barge-ins %d, marks sent %d played %d cleared %d",
+            "ended: %s; agent audio sent %.1f s, barge-ins %d, marks sent %d played %d "
+            "cleared %d; dropped: caller audio %.1f s, agent audio %.1f s",
             self.end_reason,
             ledger.sent_bytes / 8000,
             self.barge_ins,
             ledger.marks_sent,
             ledger.marks_played,
             ledger.marks_cleared,
+            self.caller_audio_dropped * 0.02,
+            self.player.overflow_bytes / 8000,
         )
 
     async def _end_tasks(self) -> None:

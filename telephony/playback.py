@@ -21,6 +21,9 @@ __all__ = ["PlaybackLedger", "Player"]
 BYTES_PER_SECOND = 8000
 MAX_MESSAGE_BYTES = 1600
 """Agent audio goes out in messages of at most 200 ms, so pacing stays fine-grained."""
+MAX_QUEUED_BYTES = 120 * BYTES_PER_SECOND
+"""Agent audio waiting to be sent beyond two minutes is dropped (newest first) and counted:
+a model that far ahead of the caller is misbehaving, and memory must stay bounded."""
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +97,10 @@ class Player:
         self._stream_sid = ""
         self._mark_seq = 0
         self.dropped_bytes = 0
+        """Unsent audio dropped by clears."""
+        self.overflow_bytes = 0
+        """Audio refused because the queue was full."""
+        self._queued = 0
         self.clears = 0
 
     def attach(self, stream_sid: str, send: Callable[[str], Awaitable[None]]) -> None:
@@ -103,13 +110,20 @@ class Player:
         self._wake.set()
 
     def enqueue(self, mulaw: bytes) -> None:
+        room = MAX_QUEUED_BYTES - self._queued
+        if len(mulaw) > room:
+            if not self.overflow_bytes:
+                log.warning("agent audio queue full (%d s): dropping", MAX_QUEUED_BYTES // 8000)
+            self.overflow_bytes += len(mulaw) - max(0, room)
+            mulaw = mulaw[: max(0, room)]
         for i in range(0, len(mulaw), MAX_MESSAGE_BYTES):
             self._queue.append(mulaw[i : i + MAX_MESSAGE_BYTES])
+        self._queued += len(mulaw)
         self._wake.set()
 
     @property
     def queued_bytes(self) -> int:
-        return sum(map(len, self._queue))
+        return self._queued
 
     def busy(self) -> bool:
         """Agent audio is waiting to be sent or still playing at the caller's end."""
@@ -119,6 +133,7 @@ class Player:
         """Drop every unsent byte and empty Twilio's buffer; False when nothing was pending."""
         dropped = self.queued_bytes
         self._queue.clear()
+        self._queued = 0
         self.dropped_bytes += dropped
         # After a media message already on its way, never before it: that one would play.
         async with self._sending:
@@ -144,6 +159,7 @@ class Player:
         async with self._sending:
             while (send := self._send) is not None and self._due() < 0:
                 chunk = self._queue.popleft()
+                self._queued -= len(chunk)
                 self._mark_seq += 1
                 name = str(self._mark_seq)
                 self.ledger.sent(len(chunk), self._clock())

@@ -121,3 +121,17 @@ async def test_clear_never_overtakes_a_media_message_in_flight() -> None:
     await flushing
     assert sent == ["media", "mark", "clear"]
     assert player.queued_bytes == 0
+
+
+async def test_agent_audio_beyond_two_minutes_of_backlog_is_dropped_and_counted() -> None:
+    player = Player(lead_ms=400, clock=FakeClock())
+    player.enqueue(b"\x00" * 8000 * 119)
+    player.enqueue(b"\x00" * 8000 * 3)
+    assert player.queued_bytes == 8000 * 120
+    assert player.overflow_bytes == 8000 * 2
+    player.enqueue(b"\x00" * 100)
+    assert player.overflow_bytes == 8000 * 2 + 100
+    await player.clear()
+    assert player.queued_bytes == 0
+    player.enqueue(b"\x00" * 100)
+    assert player.queued_bytes == 100

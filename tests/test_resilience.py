@@ -6,11 +6,13 @@ switched on (`EchoFaults`), and reads the server's recording of it."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from telephony.agents import AgentSpec, phone_run_config
 from telephony.agents.echo import EchoConnection, EchoFaults, EchoLlm, echo_app
@@ -120,9 +122,10 @@ def test_a_model_that_never_comes_back_gets_an_apology_and_a_clean_hang_up(
     assert outcome.connections == []
 
 
-def test_a_stalled_model_is_restarted(tmp_path: Path) -> None:
+def test_a_stalled_model_is_restarted(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """The model goes silent 3 s in; after the caller's unanswered question it is restarted
-    and the caller's next question is answered."""
+    and the caller's next question is answered. Meanwhile caller audio is not piled up."""
+    caplog.set_level(logging.INFO, logger="telephony")
 
     async def script(sim: CallerSimulator) -> None:
         await asyncio.sleep(4.0)
@@ -139,6 +142,10 @@ def test_a_stalled_model_is_restarted(tmp_path: Path) -> None:
     assert len(f.caller_speech) == 2
     latencies = f.response_latencies
     assert len(latencies) == 1 and latencies[0] < 1.0  # the second question was answered
+    assert "the model is not reading: dropping caller audio" in caplog.text
+    assert "the model reads caller audio again" in caplog.text
+    # stalled at 3 s, 5 s of backlog kept, restarted at 23.7 s: the rest was dropped
+    assert "dropped: caller audio 15.5 s" in caplog.text
 
 
 def test_slow_answers_still_arrive(tmp_path: Path) -> None:

@@ -150,8 +150,8 @@ class EchoConnection(BaseLlmConnection):
             self._responses.put_nowait(LlmResponse(turn_complete=True))
 
     async def send_realtime(self, blob: types.Blob) -> None:
-        if self._stalled:
-            return
+        if self._stalled:  # a stalled connection stops reading: ADK's sender blocks here
+            await asyncio.Event().wait()
         if isinstance(blob, types.ActivityStart):
             self._on_speech_start(self._heard_base + len(self._heard))
         elif isinstance(blob, types.ActivityEnd):
