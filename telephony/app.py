@@ -16,7 +16,7 @@ from .agents import AgentSpec, load_agent, warm_up
 from .bridge import Call, CallInfo, CallOptions
 from .media_stream import Connected, ProtocolError, Start, parse
 from .registry import CallRegistry
-from .security import SignatureChecker, websocket_url
+from .security import SignatureChecker, mask_number, websocket_url
 from .settings import Settings
 from .twiml import connect_stream
 
@@ -38,6 +38,10 @@ SEND_TIMEOUT_S = 5.0
 
 def create_app(settings: Settings, spec: AgentSpec | None = None) -> Quart:
     spec = spec or load_agent(settings.agent, settings)
+    if settings.mask_callers:
+        # ADK's DEBUG lines print whole requests (transcripts, DTMF text): not with masking on.
+        adk_log = logging.getLogger("google_adk")
+        adk_log.setLevel(max(adk_log.getEffectiveLevel(), logging.INFO))
     sessions: BaseSessionService = (
         SqliteSessionService(settings.session_db)
         if settings.session_db
@@ -53,6 +57,7 @@ def create_app(settings: Settings, spec: AgentSpec | None = None) -> Quart:
         record_dir=Path(settings.record_dir) if settings.record_dir else None,
         model_restarts=settings.model_restarts,
         model_stall_s=settings.model_stall_s,
+        mask_callers=settings.mask_callers,
     )
     calls = CallRegistry(
         lambda info: Call(info, runner=runner, run_config=spec.run_config, options=options),
@@ -95,7 +100,10 @@ def create_app(settings: Settings, spec: AgentSpec | None = None) -> Quart:
             log.warning("webhook rejected (400): no CallSid in the form")
             return "missing CallSid\n", 400
         info = CallInfo(call_sid, form.get("From", ""), form.get("To", ""))
-        log.info("call %s: incoming from %s to %s", call_sid, info.caller, info.callee)
+        shown = mask_number if settings.mask_callers else str
+        log.info(
+            "call %s: incoming from %s to %s", call_sid, shown(info.caller), shown(info.callee)
+        )
         calls.prestart(info)
         twiml = connect_stream(
             websocket_url(base, STREAM_PATH),

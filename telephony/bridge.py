@@ -29,6 +29,7 @@ from .audio import InboundConverter, OutboundConverter
 from .media_stream import Dtmf, InboundEvent, Mark, Media, Start, Stop
 from .playback import Player, UnknownMark
 from .recording import CallRecorder
+from .security import mask_number
 from .vad import SpeechStart, VoiceActivityDetector
 
 __all__ = ["Call", "CallInfo", "CallOptions", "ModelStalled"]
@@ -89,6 +90,8 @@ class CallOptions:
     model_restarts: int = 3
     """Times run_live is restarted after failing (ADK's own reconnects exhausted) before the
     caller hears an apology and the call ends; any model event in between resets the count."""
+    mask_callers: bool = False
+    """Keep phone numbers, DTMF digits and transcripts out of the logs."""
     model_stall_s: float = 15.0
     """The caller finished speaking and the model has said nothing at all for this long: the
     live session is taken as stalled and restarted."""
@@ -153,6 +156,12 @@ class Call:
             else None
         )
 
+    def _number(self, number: str) -> str:
+        return mask_number(number) if self._options.mask_callers else number
+
+    def _words(self, text: str) -> str:
+        return f"({len(text)} characters)" if self._options.mask_callers else text
+
     def _log(self, message: str, *args: object, level: int = logging.INFO) -> None:
         log.log(level, "call %s: " + message, self.info.call_sid, *args)
 
@@ -161,7 +170,7 @@ class Call:
         by the time the caller can hear it."""
         if self._tasks:
             return
-        self._log("live session starting (caller %s)", self.info.caller or "unknown")
+        self._log("live session starting (caller %s)", self._number(self.info.caller or "unknown"))
         self._tasks = [
             asyncio.create_task(self._pump(), name=f"pump-{self.info.call_sid}"),
             asyncio.create_task(self.player.run(), name=f"player-{self.info.call_sid}"),
@@ -202,7 +211,7 @@ class Call:
             except UnknownMark as exc:
                 self._log("ignored mark: %s", exc, level=logging.WARNING)
         elif isinstance(event, Dtmf):
-            self._log("caller pressed %s", event.digit)
+            self._log("caller pressed %s", "a key" if self._options.mask_callers else event.digit)
             self.live_queue.send_content(
                 types.Content(
                     role="user",
@@ -346,9 +355,9 @@ class Call:
                 if blob and blob.data and (blob.mime_type or "").startswith("audio/pcm"):
                     self._on_agent_audio(blob.data, blob.mime_type or "")
         if event.input_transcription and event.input_transcription.finished:
-            self._log("caller said: %s", event.input_transcription.text or "")
+            self._log("caller said: %s", self._words(event.input_transcription.text or ""))
         if event.output_transcription and event.output_transcription.finished:
-            self._log("agent said: %s", event.output_transcription.text or "")
+            self._log("agent said: %s", self._words(event.output_transcription.text or ""))
         if event.interrupted:
             self._log("model reports the caller interrupted it")
             await self._barge_in("model interrupted")

@@ -35,6 +35,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--session-db", help="SQLite file for sessions (TELEPHONY_SESSION_DB)")
     serve.add_argument("--model", help="Gemini live model for the built-in agent (TELEPHONY_MODEL)")
     serve.add_argument(
+        "--insecure",
+        action="store_true",
+        default=None,
+        help="serve a public https URL without TWILIO_AUTH_TOKEN (TELEPHONY_INSECURE)",
+    )
+    serve.add_argument(
         "--record",
         metavar="DIR",
         help="record every call into DIR as JSON Lines + WAV (TELEPHONY_RECORD_DIR; off)",
@@ -78,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             session_db=args.session_db,
             model=args.model,
             record_dir=args.record,
+            insecure=args.insecure,
         )
     except SettingsError as exc:
         print(f"telephony: {exc}", file=sys.stderr)

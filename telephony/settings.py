@@ -52,6 +52,11 @@ class Settings:
     stream_connect_timeout_s: float = 30.0
     """A call answered by the webhook whose media stream never arrives is dropped after this."""
     log_level: str = "INFO"
+    mask_callers: bool = False
+    """Logs show phone numbers as +*******1234, and no DTMF digits or transcripts."""
+    insecure: bool = False
+    """Serve a public https:// URL without TWILIO_AUTH_TOKEN (anyone could then place calls
+    on your model's bill): refused unless this is set."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
@@ -81,6 +86,12 @@ class Settings:
                 raise SettingsError(
                     "TELEPHONY_PUBLIC_URL must be a bare origin (no path, no query)"
                 )
+        if self.public_url.startswith("https://") and not self.twilio_auth_token:
+            if not self.insecure:
+                raise SettingsError(
+                    "TELEPHONY_PUBLIC_URL is public (https) but TWILIO_AUTH_TOKEN is not set: "
+                    "anyone could call in. Set the token, or TELEPHONY_INSECURE=1 to accept that"
+                )
         if not 0 < self.port < 65536:
             raise SettingsError(f"TELEPHONY_PORT must be 1-65535, got {self.port}")
         if not 0 <= self.barge_in_aggressiveness <= 3:
@@ -96,6 +107,13 @@ class Settings:
 
 
 def _coerce(name: str, raw: str, kind: type) -> object:
+    if kind is bool:
+        flag = raw.strip().lower()
+        if flag in ("1", "true", "yes", "on"):
+            return True
+        if flag in ("", "0", "false", "no", "off"):
+            return False
+        raise SettingsError(f"{name} must be 1/true/yes/on or 0/false/no/off, got {raw!r}")
     try:
         if kind is int:
             return int(raw)

@@ -1,0 +1,79 @@
+"""Security defaults: no public server without signature checks, nothing secret or personal in
+the logs when asked."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+
+from telephony.app import create_app
+from telephony.security import mask_number
+from telephony.settings import Settings, SettingsError
+from telephony.simulate import place_call
+from telephony.virtual_clock import run_virtual
+
+from .audio_tools import fixture
+
+TOKEN = "secret-token-0123456789"
+CALLER = "+15551234567"
+
+
+def test_a_public_url_without_a_token_is_refused_unless_insecure() -> None:
+    env = {"TELEPHONY_PUBLIC_URL": "https://phone.example.com"}
+    with pytest.raises(SettingsError, match="TWILIO_AUTH_TOKEN is not set"):
+        Settings.from_env(env)
+    assert Settings.from_env({**env, "TELEPHONY_INSECURE": "1"}).insecure
+    assert Settings.from_env({**env, "TWILIO_AUTH_TOKEN": TOKEN}).twilio_auth_token == TOKEN
+    assert Settings.from_env({"TELEPHONY_PUBLIC_URL": "http://127.0.0.1:8080"})  # local: fine
+    with pytest.raises(SettingsError, match="TELEPHONY_INSECURE must be 1/true"):
+        Settings.from_env({**env, "TELEPHONY_INSECURE": "maybe"})
+
+
+@pytest.mark.parametrize(
+    ("number", "masked"),
+    [
+        ("+15551234567", "+*******4567"),
+        ("sip:alice@example.com", "*********************"),
+        ("+44 20 7946 0958", "+** ** **** 0958"),
+        ("", ""),
+    ],
+)
+def test_mask_number(number: str, masked: str) -> None:
+    assert mask_number(number) == masked
+
+
+def test_secrets_and_personal_data_stay_out_of_the_logs(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    public = "https://phone.example.com"
+    settings = Settings(
+        agent="echo",
+        session_db="",
+        public_url=public,
+        twilio_auth_token=TOKEN,
+        mask_callers=True,
+    )
+
+    async def call() -> None:
+        app = create_app(settings)
+        async with app.test_app():
+            async with place_call(
+                app=app, auth_token=TOKEN, public_url=public, caller=CALLER
+            ) as sim:
+                await asyncio.sleep(1.0)
+                await sim.say(fixture("stop"))
+                await sim.press("7")
+                await sim.finish_speaking()
+                await asyncio.sleep(5.0)
+                await sim.hang_up()
+            await asyncio.sleep(0.5)
+
+    run_virtual(call())
+    text = caplog.text
+    assert "caller said: (" in text and "agent said: (" in text  # the call did happen
+    assert "incoming from +*******1111" not in text and "+*******4567" in text
+    assert TOKEN not in text
+    assert CALLER not in text and "1234567" not in text
+    assert "pressed 7" not in text and "pressed a key" in text
+    assert "caller spoke for" not in text
