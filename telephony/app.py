@@ -13,14 +13,14 @@ from google.adk.sessions.sqlite_session_service import SqliteSessionService
 from quart import Quart, Response, request, websocket
 
 from .agents import AgentSpec, load_agent, warm_up
-from .bridge import Call, CallInfo, CallOptions
+from .bridge import Call, CallInfo, CallOptions, asset
 from .media_stream import Connected, ProtocolError, Start, parse
 from .registry import CallRegistry
 from .security import SignatureChecker, mask_number, websocket_url
 from .settings import Settings
-from .twiml import connect_stream
+from .twiml import busy, connect_stream
 
-__all__ = ["STREAM_PATH", "create_app"]
+__all__ = ["STREAM_PATH", "create_app", "drain"]
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +77,10 @@ def create_app(settings: Settings, spec: AgentSpec | None = None) -> Quart:
         return SignatureChecker(settings.twilio_auth_token, base)
 
     @app.get("/healthz")
-    async def healthz() -> dict[str, object]:
-        return {"status": "ok", "active_calls": len(calls)}
+    async def healthz() -> tuple[dict[str, object], int]:
+        """503 while draining, so a load balancer sends new calls to other instances."""
+        status = "draining" if calls.draining else "ok"
+        return {"status": status, "active_calls": len(calls)}, 503 if calls.draining else 200
 
     @app.post("/voice")
     async def voice() -> Response | tuple[str, int]:
@@ -99,6 +101,9 @@ def create_app(settings: Settings, spec: AgentSpec | None = None) -> Quart:
         if not call_sid:
             log.warning("webhook rejected (400): no CallSid in the form")
             return "missing CallSid\n", 400
+        if calls.draining:
+            log.info("call %s: turned away (the server is shutting down)", call_sid)
+            return Response(busy(), content_type="text/xml")
         info = CallInfo(call_sid, form.get("From", ""), form.get("To", ""))
         shown = mask_number if settings.mask_callers else str
         log.info(
@@ -138,6 +143,11 @@ def create_app(settings: Settings, spec: AgentSpec | None = None) -> Quart:
         await calls.close_all("server shutting down")
 
     return app
+
+
+async def drain(app: Quart, timeout_s: float) -> None:
+    """Graceful shutdown, before the server stops listening (see `telephony serve`)."""
+    await app.extensions["telephony.calls"].drain(timeout_s, asset("goodbye"))
 
 
 async def serve_stream(calls: CallRegistry) -> None:

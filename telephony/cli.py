@@ -1,4 +1,5 @@
-"""`telephony serve [AGENT]`: run the phone server under hypercorn."""
+"""The `telephony` command: `serve [AGENT]` runs the phone server under hypercorn,
+`simulate CALLER.wav` places a simulated call."""
 
 from __future__ import annotations
 
@@ -7,13 +8,19 @@ import asyncio
 import logging
 import signal
 import sys
+from typing import TYPE_CHECKING
 
 from dotenv import load_dotenv
 
 from .agents import AgentLoadError
 from .settings import Settings, SettingsError
 
+if TYPE_CHECKING:
+    from quart import Quart
+
 __all__ = ["main"]
+
+log = logging.getLogger("telephony.cli")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,6 +41,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--session-db", help="SQLite file for sessions (TELEPHONY_SESSION_DB)")
     serve.add_argument("--model", help="Gemini live model for the built-in agent (TELEPHONY_MODEL)")
+    serve.add_argument(
+        "--hypercorn-config",
+        metavar="TOML",
+        help="hypercorn settings (e.g. config/hypercorn.toml); the bind address comes from "
+        "--host/--port",
+    )
     serve.add_argument(
         "--insecure",
         action="store_true",
@@ -99,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     except AgentLoadError as exc:
         print(f"telephony: {exc}", file=sys.stderr)
         return 2
-    asyncio.run(_serve(app, settings))
+    asyncio.run(_serve(app, settings, args.hypercorn_config))
     return 0
 
 
@@ -120,24 +133,45 @@ def _simulate(args: argparse.Namespace) -> int:
         return 2
 
 
-async def _serve(app: object, settings: Settings) -> None:
+async def _serve(app: Quart, settings: Settings, hypercorn_config: str | None) -> None:
+    """hypercorn, with our own SIGTERM/SIGINT handling: drain first (new calls are turned away
+    politely, active ones finish or hear a goodbye), then stop listening. A second signal
+    stops at once."""
     from hypercorn.asyncio import serve
     from hypercorn.config import Config
 
-    config = Config()
+    from .app import drain
+
+    config = Config.from_toml(hypercorn_config) if hypercorn_config else Config()
     config.bind = [f"{settings.host}:{settings.port}"]
-    config.accesslog = None
+    if not hypercorn_config:
+        config.accesslog = None
     stop = asyncio.Event()
+    draining: list[asyncio.Task[None]] = []
+
+    async def drain_then_stop() -> None:
+        await drain(app, settings.drain_s)
+        stop.set()
+
+    def on_signal() -> None:
+        if draining:
+            log.warning("second signal: stopping now")
+            stop.set()
+        else:
+            log.info("shutting down: draining calls for up to %.0f s", settings.drain_s)
+            draining.append(asyncio.create_task(drain_then_stop()))
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    logging.getLogger(__name__).info(
+        loop.add_signal_handler(sig, on_signal)
+    log.info(
         "serving %s on http://%s:%d (webhook /voice)",
         settings.agent or "the built-in Gemini agent",
         settings.host,
         settings.port,
     )
     await serve(app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
+    log.info("stopped")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ the media stream then claims it. A pre-started call whose stream never arrives i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -25,6 +26,9 @@ class CallRegistry:
         self._calls: dict[str, Call] = {}
         self._attached: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        self.draining = False
+        """Shutting down: the webhook turns new calls away."""
+        self._emptied = asyncio.Event()
 
     def __len__(self) -> int:
         return len(self._calls)
@@ -57,6 +61,7 @@ class CallRegistry:
 
     def _new(self, info: CallInfo) -> Call:
         call = self._factory(info)
+        self._emptied.clear()
         self._calls[info.call_sid] = call
         call.start()
         self._spawn(self._reap(call))
@@ -71,6 +76,8 @@ class CallRegistry:
         if self._calls.get(call.info.call_sid) is call:
             del self._calls[call.info.call_sid]
             self._attached.discard(call.info.call_sid)
+        if not self._calls:
+            self._emptied.set()
 
     def _expire(self, call: Call) -> None:
         if self._calls.get(call.info.call_sid) is call and call.info.call_sid not in self._attached:
@@ -85,6 +92,23 @@ class CallRegistry:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def drain(self, timeout_s: float, goodbye: bytes) -> None:
+        """Turns new calls away, lets the active ones finish for up to `timeout_s`, then says
+        `goodbye` to those still talking and ends them."""
+        self.draining = True
+        log.info("draining: %d active call(s), waiting up to %.0f s", len(self), timeout_s)
+        if self._calls:
+            self._emptied.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._emptied.wait(), timeout_s)
+        remaining = list(self._calls.values())
+        if remaining:
+            log.info("drain time is up: saying goodbye to %d call(s)", len(remaining))
+            await asyncio.gather(
+                *(call.end_with(goodbye, "server shutting down") for call in remaining)
+            )
+        await self.close_all("server shutting down")
 
     async def close_all(self, reason: str) -> None:
         await asyncio.gather(*(call.close(reason) for call in list(self._calls.values())))

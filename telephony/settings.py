@@ -49,6 +49,9 @@ class Settings:
     """Restarts of a failed live session before the caller hears an apology and is hung up."""
     model_stall_s: float = 15.0
     """The caller waits this long for any answer: the live session is restarted."""
+    drain_s: float = 30.0
+    """On SIGTERM, how long active calls may go on (new ones are turned away) before they
+    hear a goodbye and end."""
     stream_connect_timeout_s: float = 30.0
     """A call answered by the webhook whose media stream never arrives is dropped after this."""
     log_level: str = "INFO"

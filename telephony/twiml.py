@@ -4,7 +4,17 @@ from __future__ import annotations
 
 from twilio.twiml.voice_response import Connect, Stream, VoiceResponse
 
-__all__ = ["connect_stream"]
+__all__ = ["BUSY_MESSAGE", "busy", "connect_stream"]
+
+BUSY_MESSAGE = "Sorry, we cannot take your call right now. Please try again in a few minutes."
+
+
+def busy(message: str = BUSY_MESSAGE) -> str:
+    """What a caller hears while the server drains for a restart: a polite line, then goodbye."""
+    response = VoiceResponse()
+    response.say(message)
+    response.hangup()
+    return str(response)
 
 
 def connect_stream(stream_url: str, parameters: dict[str, str]) -> str:

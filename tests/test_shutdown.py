@@ -1,0 +1,116 @@
+"""Graceful shutdown of `telephony serve` on SIGTERM: new calls are turned away politely,
+health says draining, active calls go on for the drain time, then hear a goodbye; every
+transcript is in the session database; the process exits cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+from telephony.bridge import asset
+from telephony.simulate import place_call
+
+from .audio_tools import best_correlation, fixture, pcm
+from .server import free_port
+
+
+def _get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def _post(url: str, form: bytes) -> str:
+    with urllib.request.urlopen(urllib.request.Request(url, data=form), timeout=2) as response:
+        return response.read().decode()
+
+
+async def test_sigterm_drains_calls_then_says_goodbye(tmp_path: Path) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    db = tmp_path / "sessions.db"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "telephony.cli", "serve", "echo", "--port", str(port)]
+        + ["--session-db", str(db)],
+        env={**os.environ, "TELEPHONY_DRAIN_S": "4"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        for _ in range(150):
+            try:
+                if _get(url + "/healthz")[0] == 200:
+                    break
+            except OSError:
+                time.sleep(0.1)
+        sid = "CA" + "f" * 32
+        async with place_call(url, call_sid=sid) as sim:
+            await asyncio.sleep(1.0)
+            await sim.say(fixture("hello"))
+            await sim.finish_speaking()
+            await asyncio.sleep(1.5)  # the echo is playing
+            terminated = asyncio.get_running_loop().time()
+            proc.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.5)
+            status, body = await asyncio.to_thread(_get, url + "/healthz")
+            assert status == 503 and json.loads(body) == {"status": "draining", "active_calls": 1}
+            twiml = await asyncio.to_thread(_post, url + "/voice", b"CallSid=CA2&From=%2B1")
+            say = ET.fromstring(twiml).find("Say")
+            assert say is not None and "try again" in (say.text or "")
+            assert ET.fromstring(twiml).find("Hangup") is not None
+            # The call goes on through the drain time, then hears the goodbye and ends.
+            await asyncio.wait_for(sim.closed.wait(), 20)
+            ended = asyncio.get_running_loop().time()
+        assert ended - terminated >= 4.0
+        goodbye = pcm(asset("goodbye"))
+        heard = sim.log.heard_pcm()
+        assert best_correlation(heard, goodbye)[0] > 0.95
+        assert len(heard) / 8000 >= ended - sim.log.started - 0.5  # all of it before hanging up
+        output, _ = proc.communicate(timeout=15)
+        assert proc.returncode == 0, output
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "draining: 1 active call(s)" in output
+    assert f"call {sid}: ended: server shutting down" in output
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute("SELECT event_data FROM events WHERE session_id = ?", (sid,))
+        stored = " ".join(row[0] for row in rows)
+    assert "(caller spoke for 4.0 s)" in stored  # the transcript was flushed
+
+
+async def test_an_idle_server_stops_at_once(tmp_path: Path) -> None:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "telephony.cli", "serve", "echo", "--port", str(port)]
+        + ["--session-db", str(tmp_path / "s.db")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        for _ in range(150):
+            try:
+                _get(f"http://127.0.0.1:{port}/healthz")
+                break
+            except OSError:
+                time.sleep(0.1)
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+        assert time.monotonic() - started < 3
+    finally:
+        if proc.poll() is None:
+            proc.kill()
