@@ -14,6 +14,7 @@ from quart import Quart, Response, request, websocket
 
 from .agents import AgentSpec, load_agent, warm_up
 from .bridge import Call, CallInfo, CallOptions, asset
+from .capacity import LoopLagMonitor
 from .media_stream import Connected, ProtocolError, Start, parse
 from .registry import CallRegistry
 from .security import SignatureChecker, mask_number, websocket_url
@@ -67,6 +68,17 @@ def create_app(settings: Settings, spec: AgentSpec | None = None) -> Quart:
     app.config["MAX_CONTENT_LENGTH"] = 64 * 1024
     app.extensions["telephony.calls"] = calls
     app.extensions["telephony.runner"] = runner
+    lag = LoopLagMonitor()
+
+    def refusal() -> str | None:
+        """Why a new call cannot be taken now, if it cannot."""
+        if calls.draining:
+            return "the server is shutting down"
+        if settings.max_calls and len(calls) >= settings.max_calls:
+            return f"at capacity ({len(calls)} calls)"
+        if settings.max_loop_lag_ms and lag.lag_ms > settings.max_loop_lag_ms:
+            return f"overloaded (event loop {lag.lag_ms:.0f} ms late)"
+        return None
 
     def public_base() -> str:
         return settings.public_url.rstrip("/") or f"{request.scheme}://{request.host}"
@@ -80,7 +92,13 @@ def create_app(settings: Settings, spec: AgentSpec | None = None) -> Quart:
     async def healthz() -> tuple[dict[str, object], int]:
         """503 while draining, so a load balancer sends new calls to other instances."""
         status = "draining" if calls.draining else "ok"
-        return {"status": status, "active_calls": len(calls)}, 503 if calls.draining else 200
+        body = {
+            "status": status,
+            "active_calls": len(calls),
+            "tasks": len(asyncio.all_tasks()),
+            "loop_lag_ms": round(lag.lag_ms, 1),
+        }
+        return body, 503 if calls.draining else 200
 
     @app.post("/voice")
     async def voice() -> Response | tuple[str, int]:
@@ -101,8 +119,8 @@ def create_app(settings: Settings, spec: AgentSpec | None = None) -> Quart:
         if not call_sid:
             log.warning("webhook rejected (400): no CallSid in the form")
             return "missing CallSid\n", 400
-        if calls.draining:
-            log.info("call %s: turned away (the server is shutting down)", call_sid)
+        if (reason := refusal()) is not None:
+            log.warning("call %s: turned away: %s", call_sid, reason)
             return Response(busy(), content_type="text/xml")
         info = CallInfo(call_sid, form.get("From", ""), form.get("To", ""))
         shown = mask_number if settings.mask_callers else str
@@ -137,9 +155,11 @@ def create_app(settings: Settings, spec: AgentSpec | None = None) -> Quart:
     async def prepare() -> None:
         await sessions.get_session(app_name=spec.app.name, user_id="", session_id="")
         await warm_up(spec.run_config)
+        lag.start()
 
     @app.after_serving
     async def shutdown() -> None:
+        await lag.stop()
         await calls.close_all("server shutting down")
 
     return app

@@ -49,6 +49,11 @@ class Settings:
     """Restarts of a failed live session before the caller hears an apology and is hung up."""
     model_stall_s: float = 15.0
     """The caller waits this long for any answer: the live session is restarted."""
+    max_calls: int = 0
+    """Calls beyond this many at once are turned away with a busy message (0: no limit)."""
+    max_loop_lag_ms: float = 40.0
+    """New calls are turned away while the event loop runs this late (0: never): past it the
+    process is saturated and every call's audio would suffer."""
     drain_s: float = 30.0
     """On SIGTERM, how long active calls may go on (new ones are turned away) before they
     hear a goodbye and end."""
@@ -101,6 +106,8 @@ class Settings:
             raise SettingsError("TELEPHONY_BARGE_IN_AGGRESSIVENESS must be 0-3")
         if not 1 <= self.barge_in_frames <= 6:
             raise SettingsError("TELEPHONY_BARGE_IN_FRAMES must be 1-6")
+        if self.max_calls < 0 or self.max_loop_lag_ms < 0:
+            raise SettingsError("TELEPHONY_MAX_CALLS and TELEPHONY_MAX_LOOP_LAG_MS must be >= 0")
         if self.model_restarts < 0:
             raise SettingsError("TELEPHONY_MODEL_RESTARTS must be 0 or more")
         if self.model_stall_s <= 0:

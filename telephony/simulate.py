@@ -359,7 +359,12 @@ async def place_call(
             scheme = "wss" if local.scheme == "https" else "ws"
             connect_url = urllib.parse.urlunsplit((scheme, local.netloc, target.path, "", ""))
             ws = await stack.enter_async_context(
-                connect(connect_url, additional_headers=ws_headers, max_size=2**20)
+                connect(
+                    connect_url,
+                    additional_headers=ws_headers,
+                    max_size=2**20,
+                    compression=None,  # Twilio does not negotiate permessage-deflate
+                )
             )
         sim = CallerSimulator(ws, call_sid=call_sid, parameters=params, continuous=continuous)
         await sim.begin()

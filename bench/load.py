@@ -1,0 +1,259 @@
+"""Load: N concurrent simulated calls with real speech, at real-time pace, against
+`telephony serve echo` in its own process; then many short calls to look for leaks.
+
+Each caller says a sentence, waits for the echo to finish, and says the next, for SECONDS.
+Reported per N: calls completed (every sentence answered, no protocol error, clean hang-up),
+response latency (last caller frame sent -> first agent audio received), lateness of agent
+audio (a media message arriving after the audio before it finished playing: a gap the caller
+hears), server CPU (share of one core) and RSS per call, and the load generator's own CPU.
+
+Run: python bench/load.py [N ...] [--seconds S] [--leak-calls M]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from telephony.simulate import CallerSimulator, WebhookError, place_call  # noqa: E402
+from tests.audio_tools import fixture  # noqa: E402
+from tests.server import free_port  # noqa: E402
+
+SPEECH = [fixture(name) for name in ("hello", "weather", "stop", "bonjour")]
+TURN_GAP_S = 1.0
+"""Agent audio arriving this long after the previous piece ended starts a new turn."""
+
+
+@dataclass
+class Results:
+    completed: int = 0
+    refused: int = 0
+    failed: list[str] = field(default_factory=list)
+    latencies: list[float] = field(default_factory=list)
+    lateness: list[float] = field(default_factory=list)
+
+
+class Server:
+    """`telephony serve echo` in a child process, with its CPU and memory read from /proc."""
+
+    def __init__(self, tmp: Path, session_db: str | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "telephony.cli", "serve", "echo", "--port", str(self.port)]
+            + ["--session-db", str(tmp / "sessions.db") if session_db is None else session_db],
+            env={**os.environ, "TELEPHONY_LOG_LEVEL": "WARNING"},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for _ in range(300):
+            try:
+                self.health()
+                return
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError("the server did not start")
+
+    def health(self) -> dict[str, object]:
+        with urllib.request.urlopen(self.url + "/healthz", timeout=5) as response:
+            return json.loads(response.read())
+
+    def cpu_s(self) -> float:
+        with open(f"/proc/{self.proc.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def rss_mb(self) -> float:
+        with open(f"/proc/{self.proc.pid}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(60)
+
+
+def own_cpu_s() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+async def _answer(sim: CallerSimulator, after: float, timeout: float = 10.0) -> float | None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline:
+        got = [h.received for h in sim.log.heard if h.received > after]
+        if got:
+            return min(got)
+        await asyncio.sleep(0.02)
+    return None
+
+
+async def _quiet(sim: CallerSimulator, quiet: float = 0.5) -> None:
+    loop = asyncio.get_running_loop()
+    while loop.time() - max((h.end for h in sim.log.heard), default=0.0) < quiet:
+        await asyncio.sleep(0.05)
+
+
+def _lateness(sim: CallerSimulator) -> list[float]:
+    """Per media message continuing a turn: arrival minus when the audio before it ran out."""
+    out = []
+    pieces = sorted(sim.log.heard, key=lambda h: h.received)
+    for before, piece in zip(pieces, pieces[1:], strict=False):
+        if piece.received - before.end < TURN_GAP_S:
+            out.append(piece.received - before.end)
+    return out
+
+
+async def one_call(url: str, n: int, seconds: float, rate: float, results: Results) -> None:
+    loop = asyncio.get_running_loop()
+    await asyncio.sleep(n / rate)  # calls arrive at `rate` per second
+    try:
+        async with place_call(url, call_sid=f"CA{n:032x}") as sim:
+            await asyncio.sleep(1.0)
+            end = loop.time() + seconds
+            turn = 0
+            while loop.time() < end:
+                await sim.say(SPEECH[(n + turn) % len(SPEECH)])
+                await sim.finish_speaking()
+                spoke = loop.time()
+                answered = await _answer(sim, spoke)
+                if answered is None:
+                    results.failed.append(f"call {n}: turn {turn} was never answered")
+                    return
+                results.latencies.append(answered - spoke)
+                await _quiet(sim)
+                turn += 1
+            results.lateness += _lateness(sim)
+            if sim.log.protocol_errors:
+                results.failed.append(f"call {n}: {sim.log.protocol_errors[0]}")
+                return
+            await sim.hang_up()
+        results.completed += 1
+    except WebhookError as exc:
+        if "no <Connect><Stream" not in str(exc):
+            raise
+        results.refused += 1  # turned away politely: the server was at capacity
+    except Exception as exc:  # noqa: BLE001 - a failed call is a figure, not a crash
+        results.failed.append(f"call {n}: {exc!r}")
+
+
+async def concurrent(server: Server, calls: int, seconds: float, rate: float) -> dict[str, float]:
+    results = Results()
+    idle_rss = server.rss_mb()
+    cpu0, own0, t0 = server.cpu_s(), own_cpu_s(), time.monotonic()
+    peak_rss = idle_rss
+
+    async def sample() -> None:
+        nonlocal peak_rss
+        while True:
+            await asyncio.sleep(1.0)
+            peak_rss = max(peak_rss, server.rss_mb())
+
+    sampler = asyncio.create_task(sample())
+    await asyncio.gather(*(one_call(server.url, n, seconds, rate, results) for n in range(calls)))
+    sampler.cancel()
+    wall = time.monotonic() - t0
+    late = np.maximum(np.array(results.lateness or [0.0]), 0) * 1000
+    lat = np.array(results.latencies or [np.nan]) * 1000
+    for problem in results.failed[:3]:
+        print(f"    {problem}")
+    return {
+        "calls": calls,
+        "completed": results.completed,
+        "refused": results.refused,
+        "latency_p50": float(np.percentile(lat, 50)),
+        "latency_p99": float(np.percentile(lat, 99)),
+        "late_p99": float(np.percentile(late, 99)),
+        "late_max": float(late.max()),
+        "server_cpu_per_call": (server.cpu_s() - cpu0)
+        / wall
+        / max(1, calls - results.refused)
+        * 100,
+        "server_cpu": (server.cpu_s() - cpu0) / wall * 100,
+        "client_cpu": (own_cpu_s() - own0) / wall * 100,
+        "rss_per_call": (peak_rss - idle_rss) / max(1, calls - results.refused),
+    }
+
+
+async def leak_check(server: Server, calls: int, wave: int) -> None:
+    """Short calls (greeting, one sentence, hang-up), `wave` at a time."""
+
+    async def short(n: int) -> None:
+        async with place_call(server.url, call_sid=f"CB{n:032x}") as sim:
+            await asyncio.sleep(0.6)
+            await sim.hang_up()
+
+    before = None
+    for start in range(0, calls, wave):
+        await asyncio.gather(*(short(n) for n in range(start, min(calls, start + wave))))
+        if start + wave in (100, calls):
+            await asyncio.sleep(1.0)
+            health = server.health()
+            state = (server.rss_mb(), health["tasks"], health["active_calls"])
+            print(
+                f"  after {start + wave:5d} calls: server RSS {state[0]:6.1f} MB, "
+                f"{state[1]} tasks, {state[2]} active calls"
+            )
+            before = before or state
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("calls", nargs="*", type=int, default=[50, 100, 200])
+    parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--rate", type=float, default=5.0, help="new calls per second")
+    parser.add_argument(
+        "--session-db",
+        help="the server's session database (default: a fresh SQLite file; "
+        "'' keeps sessions in memory)",
+    )
+    parser.add_argument("--leak-calls", type=int, default=1000)
+    parser.add_argument("--wave", type=int, default=10)
+    args = parser.parse_args()
+    print(
+        f"{os.cpu_count()} cores; calls arrive {args.rate:g}/s, each caller talks for "
+        f"{args.seconds:.0f} s; refused = turned away with a busy message"
+    )
+    print(
+        "    N  completed refused  latency p50/p99 ms  late p99/max ms  server CPU (per call)"
+        "  client CPU  RSS/call MB"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        for calls in args.calls:
+            server = Server(Path(tmp), args.session_db)
+            try:
+                r = asyncio.run(concurrent(server, calls, args.seconds, args.rate))
+            finally:
+                server.stop()
+            print(
+                f"{calls:5d}  {r['completed']:4d}/{calls:<4d} {r['refused']:5d}"
+                f"  {r['latency_p50']:8.0f} /"
+                f"{r['latency_p99']:6.0f}  {r['late_p99']:7.1f} /{r['late_max']:6.0f}"
+                f"  {r['server_cpu']:5.0f}% ({r['server_cpu_per_call']:.2f}%)"
+                f"  {r['client_cpu']:9.0f}%  {r['rss_per_call']:9.2f}",
+                flush=True,
+            )
+        if args.leak_calls:
+            print(f"leak check: {args.leak_calls} short calls, {args.wave} at a time")
+            server = Server(Path(tmp))
+            try:
+                asyncio.run(leak_check(server, args.leak_calls, args.wave))
+            finally:
+                server.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""Admission control: past its capacity the server turns new calls away with a busy message,
+so the calls it has keep sounding right."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import xml.etree.ElementTree as ET
+
+from telephony.app import create_app
+from telephony.settings import Settings
+from telephony.simulate import WebhookError, place_call
+
+
+async def _voice(app, sid: str) -> ET.Element:  # type: ignore[no-untyped-def]
+    response = await app.test_client().post("/voice", form={"CallSid": sid, "From": "+1"})
+    return ET.fromstring(await response.get_data(as_text=True))
+
+
+async def test_calls_beyond_max_calls_are_turned_away() -> None:
+    app = create_app(Settings(agent="echo", session_db="", max_calls=1))
+    async with app.test_app():
+        async with place_call(app=app, call_sid="CA1"):
+            twiml = await _voice(app, "CA2")
+            assert twiml.find("Connect") is None and twiml.find("Hangup") is not None
+            assert "try again" in (twiml.findtext("Say") or "")
+            try:
+                async with place_call(app=app, call_sid="CA3"):
+                    raise AssertionError("a call over the limit was connected")
+            except WebhookError as exc:
+                assert "no <Connect><Stream" in str(exc)
+        await asyncio.sleep(0.3)  # the first call has ended: room again
+        assert (await _voice(app, "CA4")).find("Connect") is not None
+
+
+async def test_an_overloaded_event_loop_turns_new_calls_away() -> None:
+    app = create_app(Settings(agent="echo", session_db="", max_loop_lag_ms=30))
+    async with app.test_app():
+        assert (await _voice(app, "CA1")).find("Connect") is not None
+        for _ in range(8):  # CPU-bound work hogging the loop, as too many calls would
+            time.sleep(0.1)
+            await asyncio.sleep(0)
+        health = await (await app.test_client().get("/healthz")).get_json()
+        assert health["loop_lag_ms"] > 30
+        assert (await _voice(app, "CA2")).find("Connect") is None
+        for _ in range(30):
+            await asyncio.sleep(0.1)
+        assert (await _voice(app, "CA3")).find("Connect") is not None  # recovered
