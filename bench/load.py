@@ -3,9 +3,12 @@
 
 Each caller says a sentence, waits for the echo to finish, and says the next, for SECONDS.
 Reported per N: calls completed (every sentence answered, no protocol error, clean hang-up),
-response latency (last caller frame sent -> first agent audio received), lateness of agent
-audio (a media message arriving after the audio before it finished playing: a gap the caller
-hears), server CPU (share of one core) and RSS per call, and the load generator's own CPU.
+calls refused (turned away with a busy message at capacity), response latency (last caller
+frame sent -> first agent audio received), lateness of agent audio as the callers received it
+(a media message arriving after the audio before it finished playing: a gap the caller hears;
+this includes the load generator's own delays) and as the server sent it (its /metrics
+histogram, as a bucket bound), server CPU (share of one core) and RSS per call, and the load
+generator's own CPU.
 
 Run: python bench/load.py [N ...] [--seconds S] [--leak-calls M]
 """
@@ -70,6 +73,19 @@ class Server:
     def health(self) -> dict[str, object]:
         with urllib.request.urlopen(self.url + "/healthz", timeout=5) as response:
             return json.loads(response.read())
+
+    def gap_quantile_ms(self, q: float) -> float:
+        """From the server's own /metrics: the bucket bound under which a fraction q of the
+        agent audio messages left (how late after the audio before them ran out)."""
+        with urllib.request.urlopen(self.url + "/metrics", timeout=5) as response:
+            text = response.read().decode()
+        buckets = []
+        for line in text.splitlines():
+            if line.startswith("telephony_agent_audio_gap_seconds_bucket"):
+                bound = line.split('le="')[1].split('"')[0]
+                buckets.append((float(bound), int(line.rsplit(" ", 1)[1])))
+        total = buckets[-1][1]
+        return next(b for b, seen in buckets if seen >= q * total) * 1000
 
     def cpu_s(self) -> float:
         with open(f"/proc/{self.proc.pid}/stat") as f:
@@ -171,6 +187,7 @@ async def concurrent(server: Server, calls: int, seconds: float, rate: float) ->
     for problem in results.failed[:3]:
         print(f"    {problem}")
     return {
+        "gap_p99": server.gap_quantile_ms(0.99),
         "calls": calls,
         "completed": results.completed,
         "refused": results.refused,
@@ -228,8 +245,8 @@ def main() -> None:
         f"{args.seconds:.0f} s; refused = turned away with a busy message"
     )
     print(
-        "    N  completed refused  latency p50/p99 ms  late p99/max ms  server CPU (per call)"
-        "  client CPU  RSS/call MB"
+        "    N  completed refused  latency p50/p99 ms  late p99/max ms  server gap p99 ms"
+        "  server CPU (per call)  client CPU  RSS/call MB"
     )
     with tempfile.TemporaryDirectory() as tmp:
         for calls in args.calls:
@@ -242,6 +259,7 @@ def main() -> None:
                 f"{calls:5d}  {r['completed']:4d}/{calls:<4d} {r['refused']:5d}"
                 f"  {r['latency_p50']:8.0f} /"
                 f"{r['latency_p99']:6.0f}  {r['late_p99']:7.1f} /{r['late_max']:6.0f}"
+                f"  {'<=':>10s} {r['gap_p99']:g}"
                 f"  {r['server_cpu']:5.0f}% ({r['server_cpu_per_call']:.2f}%)"
                 f"  {r['client_cpu']:9.0f}%  {r['rss_per_call']:9.2f}",
                 flush=True,

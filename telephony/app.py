@@ -100,6 +100,11 @@ def create_app(settings: Settings, spec: AgentSpec | None = None) -> Quart:
         }
         return body, 503 if calls.draining else 200
 
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        text = calls.metrics.render(active_calls=len(calls), loop_lag_ms=lag.lag_ms)
+        return Response(text, content_type="text/plain; version=0.0.4")
+
     @app.post("/voice")
     async def voice() -> Response | tuple[str, int]:
         form = (await request.form).to_dict()
@@ -120,6 +125,7 @@ def create_app(settings: Settings, spec: AgentSpec | None = None) -> Quart:
             log.warning("webhook rejected (400): no CallSid in the form")
             return "missing CallSid\n", 400
         if (reason := refusal()) is not None:
+            calls.metrics.calls_refused_total += 1
             log.warning("call %s: turned away: %s", call_sid, reason)
             return Response(busy(), content_type="text/xml")
         info = CallInfo(call_sid, form.get("From", ""), form.get("To", ""))

@@ -140,6 +140,7 @@ class Call:
         self._awaiting_reply_since: float | None = None
         self._closing: asyncio.Task[None] | None = None
         self.barge_ins = 0
+        self.model_restarts = 0
         self.caller_audio_dropped = 0
         """Caller frames dropped because the model was not reading them."""
         self._backlog_cleared = True
@@ -308,6 +309,7 @@ class Call:
                 self._options.model_restarts,
                 level=logging.WARNING,
             )
+            self.model_restarts += 1
             self._restart_queue()
             await asyncio.sleep(0.2 * failures)
 

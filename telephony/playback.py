@@ -15,6 +15,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 
 from .media_stream import clear_message, mark_message, media_message
+from .metrics import Histogram
 
 __all__ = ["PlaybackLedger", "Player"]
 
@@ -71,6 +72,12 @@ class PlaybackLedger:
         self._pending.clear()
         self._playout_end = now
 
+    @property
+    def playout_end(self) -> float:
+        """When the audio sent so far will have finished playing (an estimate, re-anchored
+        by each mark echo)."""
+        return self._playout_end
+
     def unplayed_ms(self, now: float) -> float:
         return max(0.0, self._playout_end - now) * 1000
 
@@ -89,13 +96,17 @@ class Player:
         self.ledger = PlaybackLedger()
         self._lead = lead_ms / 1000
         self._clock = clock
-        self._queue: deque[bytes] = deque()
+        self._queue: deque[tuple[float, bytes]] = deque()
+        """(when it was queued, mu-law) per message."""
         self._wake = asyncio.Event()
         self._sending = asyncio.Lock()
         """Keeps each media message and its mark together on the wire."""
         self._send: Callable[[str], Awaitable[None]] | None = None
         self._stream_sid = ""
+        self._attached_at = 0.0
         self._mark_seq = 0
+        self.gaps = Histogram()
+        """Per message sent: silence the caller heard because it left late (0 when on time)."""
         self.dropped_bytes = 0
         """Unsent audio dropped by clears."""
         self.overflow_bytes = 0
@@ -107,6 +118,7 @@ class Player:
         """The media stream is up: audio queued before it (the greeting) can now flow."""
         self._stream_sid = stream_sid
         self._send = send
+        self._attached_at = self._clock()
         self._wake.set()
 
     def enqueue(self, mulaw: bytes) -> None:
@@ -116,8 +128,9 @@ class Player:
                 log.warning("agent audio queue full (%d s): dropping", MAX_QUEUED_BYTES // 8000)
             self.overflow_bytes += len(mulaw) - max(0, room)
             mulaw = mulaw[: max(0, room)]
+        now = self._clock()
         for i in range(0, len(mulaw), MAX_MESSAGE_BYTES):
-            self._queue.append(mulaw[i : i + MAX_MESSAGE_BYTES])
+            self._queue.append((now, mulaw[i : i + MAX_MESSAGE_BYTES]))
         self._queued += len(mulaw)
         self._wake.set()
 
@@ -158,11 +171,14 @@ class Player:
         agent audio leaves in the same step it arrived in rather than one loop turn later."""
         async with self._sending:
             while (send := self._send) is not None and self._due() < 0:
-                chunk = self._queue.popleft()
+                queued_at, chunk = self._queue.popleft()
                 self._queued -= len(chunk)
                 self._mark_seq += 1
                 name = str(self._mark_seq)
-                self.ledger.sent(len(chunk), self._clock())
+                now = self._clock()
+                ready = max(self.ledger.playout_end, queued_at, self._attached_at)
+                self.gaps.observe(max(0.0, now - ready))
+                self.ledger.sent(len(chunk), now)
                 self.ledger.mark_sent(name)
                 await send(media_message(self._stream_sid, chunk))
                 await send(mark_message(self._stream_sid, name))

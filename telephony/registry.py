@@ -13,6 +13,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from .bridge import Call, CallInfo
+from .metrics import Metrics
 
 __all__ = ["CallRegistry"]
 
@@ -20,8 +21,15 @@ log = logging.getLogger(__name__)
 
 
 class CallRegistry:
-    def __init__(self, factory: Callable[[CallInfo], Call], *, connect_timeout_s: float) -> None:
+    def __init__(
+        self,
+        factory: Callable[[CallInfo], Call],
+        *,
+        connect_timeout_s: float,
+        metrics: Metrics | None = None,
+    ) -> None:
         self._factory = factory
+        self.metrics = metrics or Metrics()
         self._timeout = connect_timeout_s
         self._calls: dict[str, Call] = {}
         self._attached: set[str] = set()
@@ -71,6 +79,13 @@ class CallRegistry:
         await call.done.wait()
         await call.close(call.end_reason)
         self._forget(call)
+        m = self.metrics
+        m.calls_total += 1
+        m.barge_ins_total += call.barge_ins
+        m.model_restarts_total += call.model_restarts
+        m.caller_audio_dropped_s += call.caller_audio_dropped * 0.02
+        m.agent_audio_dropped_s += call.player.overflow_bytes / 8000
+        m.gaps.merge(call.player.gaps)
 
     def _forget(self, call: Call) -> None:
         if self._calls.get(call.info.call_sid) is call:

@@ -46,3 +46,33 @@ async def test_an_overloaded_event_loop_turns_new_calls_away() -> None:
         for _ in range(30):
             await asyncio.sleep(0.1)
         assert (await _voice(app, "CA3")).find("Connect") is not None  # recovered
+
+
+def test_metrics_after_a_call() -> None:
+    from telephony.virtual_clock import run_virtual
+
+    from .audio_tools import fixture
+
+    async def call() -> str:
+        app = create_app(Settings(agent="echo", session_db=""))
+        async with app.test_app():
+            async with place_call(app=app) as sim:
+                await asyncio.sleep(1.0)
+                await sim.say(fixture("stop"))
+                await sim.finish_speaking()
+                await asyncio.sleep(4.0)
+                await sim.hang_up()
+            await asyncio.sleep(0.5)
+            response = await app.test_client().get("/metrics")
+            return await response.get_data(as_text=True)
+
+    text = run_virtual(call())
+    values = dict(line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))
+    assert values["telephony_calls_total"] == "1"
+    assert values["telephony_calls_active"] == "0"
+    assert int(values["telephony_agent_audio_gap_seconds_count"]) > 20
+    # on a virtual clock nothing is ever late: every message in the first bucket
+    assert (
+        values['telephony_agent_audio_gap_seconds_bucket{le="0.001"}']
+        == values["telephony_agent_audio_gap_seconds_count"]
+    )

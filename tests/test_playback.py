@@ -135,3 +135,23 @@ async def test_agent_audio_beyond_two_minutes_of_backlog_is_dropped_and_counted(
     assert player.queued_bytes == 0
     player.enqueue(b"\x00" * 100)
     assert player.queued_bytes == 100
+
+
+async def test_late_messages_are_measured_as_gaps_the_caller_heard() -> None:
+    clock = FakeClock()
+    sent: list[str] = []
+
+    async def send(text: str) -> None:
+        sent.append(text)
+
+    player = Player(lead_ms=400, clock=clock)
+    player.attach("MZ1", send)
+    player.enqueue(b"\x00" * 1600)  # 200 ms, sent at once
+    await player.flush()
+    player.enqueue(b"\x00" * 1600)  # queued while the first still plays: due on time
+    clock.now += 0.35  # ...but the player only gets to it 150 ms after the first ran out
+    await player.flush()
+    assert player.gaps.count == 2
+    assert player.gaps.counts[0] == 1  # the first: on time
+    assert player.gaps.total == pytest.approx(0.15)
+    assert player.gaps.quantile_bound(1.0) == 0.2

@@ -1,0 +1,107 @@
+"""Process-wide call metrics, rendered in the Prometheus text format at `GET /metrics`.
+
+No client library: a handful of counters and one histogram, aggregated as calls end (the
+per-call parts live in the call while it runs), so nothing here is on the audio path.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+__all__ = ["GAP_BUCKETS_S", "Histogram", "Metrics"]
+
+GAP_BUCKETS_S = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+
+
+@dataclass
+class Histogram:
+    buckets: tuple[float, ...] = GAP_BUCKETS_S
+    counts: list[int] = field(default_factory=lambda: [0] * (len(GAP_BUCKETS_S) + 1))
+    total: float = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.buckets, value)] += 1
+        self.total += value
+
+    def merge(self, other: Histogram) -> None:
+        self.counts = [a + b for a, b in zip(self.counts, other.counts, strict=True)]
+        self.total += other.total
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+    def quantile_bound(self, q: float) -> float:
+        """The smallest bucket bound holding at least a fraction q of the observations."""
+        need, seen = q * self.count, 0
+        for bound, n in zip((*self.buckets, float("inf")), self.counts, strict=True):
+            seen += n
+            if seen >= need:
+                return bound
+        return float("inf")
+
+    def render(self, name: str, help_text: str) -> list[str]:
+        lines = [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"]
+        seen = 0
+        for bound, n in zip(self.buckets, self.counts, strict=False):
+            seen += n
+            lines.append(f'{name}_bucket{{le="{bound:g}"}} {seen}')
+        lines += [
+            f'{name}_bucket{{le="+Inf"}} {self.count}',
+            f"{name}_sum {self.total:.6f}",
+            f"{name}_count {self.count}",
+        ]
+        return lines
+
+
+@dataclass
+class Metrics:
+    calls_total: int = 0
+    calls_refused_total: int = 0
+    barge_ins_total: int = 0
+    model_restarts_total: int = 0
+    caller_audio_dropped_s: float = 0.0
+    agent_audio_dropped_s: float = 0.0
+    gaps: Histogram = field(default_factory=Histogram)
+    """How late each agent audio message left after the audio before it had run out."""
+
+    def render(self, *, active_calls: int, loop_lag_ms: float) -> str:
+        def one(kind: str, name: str, help_text: str, value: float) -> list[str]:
+            return [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {value:g}"]
+
+        lines = [
+            *one("gauge", "telephony_calls_active", "Calls in progress.", active_calls),
+            *one("counter", "telephony_calls_total", "Calls that ended.", self.calls_total),
+            *one(
+                "counter",
+                "telephony_calls_refused_total",
+                "Calls turned away (capacity or shutdown).",
+                self.calls_refused_total,
+            ),
+            *one("counter", "telephony_barge_ins_total", "Clears sent.", self.barge_ins_total),
+            *one(
+                "counter",
+                "telephony_model_restarts_total",
+                "Live sessions restarted after failing.",
+                self.model_restarts_total,
+            ),
+            *one(
+                "counter",
+                "telephony_caller_audio_dropped_seconds_total",
+                "Caller audio dropped while the model was not reading.",
+                self.caller_audio_dropped_s,
+            ),
+            *one(
+                "counter",
+                "telephony_agent_audio_dropped_seconds_total",
+                "Agent audio dropped because its queue was full.",
+                self.agent_audio_dropped_s,
+            ),
+            *one("gauge", "telephony_loop_lag_ms", "Event loop lateness.", loop_lag_ms),
+            *self.gaps.render(
+                "telephony_agent_audio_gap_seconds",
+                "Per agent audio message: how long the caller heard silence because it left late.",
+            ),
+        ]
+        return "\n".join(lines) + "\n"
