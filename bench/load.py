@@ -98,7 +98,11 @@ class Server:
 
     def stop(self) -> None:
         self.proc.terminate()
-        self.proc.wait(60)
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
 
 
 def own_cpu_s() -> float:
@@ -208,12 +212,17 @@ async def concurrent(server: Server, calls: int, seconds: float, rate: float) ->
 async def leak_check(server: Server, calls: int, wave: int) -> None:
     """Short calls (greeting, one sentence, hang-up), `wave` at a time."""
 
-    async def short(n: int) -> None:
-        async with place_call(server.url, call_sid=f"CB{n:032x}") as sim:
-            await asyncio.sleep(0.6)
-            await sim.hang_up()
+    refused = 0
 
-    before = None
+    async def short(n: int) -> None:
+        nonlocal refused
+        try:
+            async with place_call(server.url, call_sid=f"CB{n:032x}") as sim:
+                await asyncio.sleep(0.6)
+                await sim.hang_up()
+        except WebhookError:
+            refused += 1
+
     for start in range(0, calls, wave):
         await asyncio.gather(*(short(n) for n in range(start, min(calls, start + wave))))
         if start + wave in (100, calls):
@@ -222,9 +231,8 @@ async def leak_check(server: Server, calls: int, wave: int) -> None:
             state = (server.rss_mb(), health["tasks"], health["active_calls"])
             print(
                 f"  after {start + wave:5d} calls: server RSS {state[0]:6.1f} MB, "
-                f"{state[1]} tasks, {state[2]} active calls"
+                f"{state[1]} tasks, {state[2]} active calls ({refused} refused)"
             )
-            before = before or state
 
 
 def main() -> None:

@@ -9,7 +9,6 @@ from pathlib import Path
 
 from google.adk.runners import Runner
 from google.adk.sessions import BaseSessionService, InMemorySessionService
-from google.adk.sessions.sqlite_session_service import SqliteSessionService
 from quart import Quart, Response, request, websocket
 
 from .agents import AgentSpec, load_agent, warm_up
@@ -18,6 +17,7 @@ from .capacity import LoopLagMonitor
 from .media_stream import Connected, ProtocolError, Start, parse
 from .registry import CallRegistry
 from .security import SignatureChecker, mask_number, websocket_url
+from .sessions import PersistentSqliteSessionService
 from .settings import Settings
 from .twiml import busy, connect_stream
 
@@ -44,7 +44,7 @@ def create_app(settings: Settings, spec: AgentSpec | None = None) -> Quart:
         adk_log = logging.getLogger("google_adk")
         adk_log.setLevel(max(adk_log.getEffectiveLevel(), logging.INFO))
     sessions: BaseSessionService = (
-        SqliteSessionService(settings.session_db)
+        PersistentSqliteSessionService(settings.session_db)
         if settings.session_db
         else InMemorySessionService()
     )
@@ -167,6 +167,8 @@ def create_app(settings: Settings, spec: AgentSpec | None = None) -> Quart:
     async def shutdown() -> None:
         await lag.stop()
         await calls.close_all("server shutting down")
+        if isinstance(sessions, PersistentSqliteSessionService):
+            await sessions.close()
 
     return app
 

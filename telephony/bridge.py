@@ -1,12 +1,13 @@
 """One phone call bridged to one ADK live session: the only place Twilio, audio and ADK meet.
 
-A `Call` owns three tasks (the model event pump, the paced player, the caller-silence watch)
-and ends them all in `close()`. Caller audio flows synchronously from `handle()` into the
-LiveRequestQueue. Agent audio goes from the pump into the player's queue; what Twilio has room
-for leaves at once from the pump, the rest is paced out by the player task. So the pump
-awaits the socket only for the lead's worth of audio (writes that block only once the
-transport buffer is full), never for pacing: ADK hands events over through a queue of one,
-and a slow consumer stalls the model.
+A `Call` owns three tasks (the model event pump, which runs the live session in a task of its
+own and restarts it if need be; the paced player; the caller watch, which notices stopped
+caller audio and a stalled model) and ends them all in `close()`. Caller audio flows
+synchronously from `handle()` into the LiveRequestQueue. Agent audio goes from the pump into
+the player's queue; what Twilio has room for leaves at once from the pump, the rest is paced
+out by the player task. So the pump awaits the socket only for the lead's worth of audio
+(writes that block only once the transport buffer is full), never for pacing: ADK hands
+events over through a queue of one, and a slow consumer stalls the model.
 """
 
 from __future__ import annotations

@@ -13,8 +13,9 @@ import contextlib
 
 __all__ = ["LoopLagMonitor"]
 
-SMOOTHING = 0.3
-"""Weight of the newest sample in the running lag estimate (about half a second of memory)."""
+SMOOTHING = 0.05
+"""Weight of the newest sample in the running lag estimate (about two seconds of memory): a
+burst of calls being set up at once lags the loop for a moment, saturation lags it for good."""
 
 
 class LoopLagMonitor:

@@ -51,7 +51,7 @@ class Settings:
     """The caller waits this long for any answer: the live session is restarted."""
     max_calls: int = 0
     """Calls beyond this many at once are turned away with a busy message (0: no limit)."""
-    max_loop_lag_ms: float = 40.0
+    max_loop_lag_ms: float = 100.0
     """New calls are turned away while the event loop runs this late (0: never): past it the
     process is saturated and every call's audio would suffer."""
     drain_s: float = 30.0

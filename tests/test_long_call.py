@@ -28,7 +28,7 @@ def _rss_mb() -> float:
 
 def test_a_30_minute_call_with_go_away_every_3_minutes(tmp_path: Path) -> None:
     settings = Settings(agent="echo", session_db="")
-    echo = echo_app(faults=EchoFaults(go_away_after_s=180.0))
+    echo = echo_app(faults=EchoFaults(go_away_after_s=180.0), keep_connections=True)
     app = create_app(settings, AgentSpec(echo, phone_run_config(settings), None))
     rss: dict[int, float] = {}
     answered: list[int] = []

@@ -43,7 +43,7 @@ def run_call(
 ) -> Outcome:
     async def main() -> Outcome:
         settings = Settings(agent="echo", session_db="", record_dir=str(tmp))
-        app_ = echo_app(faults=faults)
+        app_ = echo_app(faults=faults, keep_connections=True)
         app = create_app(settings, AgentSpec(app_, phone_run_config(settings), None))
         async with app.test_app():
             async with place_call(app=app, call_sid=SID) as sim:

@@ -264,12 +264,15 @@ class EchoLlm(BaseLlm):
     speed: float = 4.0
     greet: bool = True
     faults: EchoFaults = EchoFaults()
+    keep_connections: bool = False
+    """Keep every connection for tests to inspect (they hold audio: never in a server)."""
     _connections: list[EchoConnection] = PrivateAttr(default_factory=list)
+    _opened: int = PrivateAttr(default=0)
     _attempts: int = PrivateAttr(default=0)
 
     @property
     def connections(self) -> list[EchoConnection]:
-        """Every connection this model opened, oldest first (for tests)."""
+        """Every connection this model opened, oldest first, with `keep_connections`."""
         return self._connections
 
     @classmethod
@@ -295,7 +298,7 @@ class EchoLlm(BaseLlm):
             raise ConnectionClosedError(Close(1011, "simulated connect failure"), None)
         handle = config.session_resumption.handle if config and config.session_resumption else None
         limit = self.faults.faulty_connections
-        healthy = limit is not None and len(self._connections) >= limit
+        healthy = limit is not None and self._opened >= limit
         connection = EchoConnection(
             speed=self.speed,
             greet=self.greet and not handle and not llm_request.contents,
@@ -303,7 +306,9 @@ class EchoLlm(BaseLlm):
             faults=EchoFaults(resumable=self.faults.resumable) if healthy else self.faults,
             resumed=bool(handle),
         )
-        self._connections.append(connection)
+        self._opened += 1
+        if self.keep_connections:
+            self._connections.append(connection)
         try:
             yield connection
         finally:
@@ -313,10 +318,15 @@ class EchoLlm(BaseLlm):
 LLMRegistry.register(EchoLlm)
 
 
-def echo_app(speed: float = 4.0, greet: bool = True, faults: EchoFaults = EchoFaults()) -> App:
+def echo_app(
+    speed: float = 4.0,
+    greet: bool = True,
+    faults: EchoFaults = EchoFaults(),
+    keep_connections: bool = False,
+) -> App:
     agent = LlmAgent(
         name="echo",
-        model=EchoLlm(speed=speed, greet=greet, faults=faults),
+        model=EchoLlm(speed=speed, greet=greet, faults=faults, keep_connections=keep_connections),
         instruction="Repeat what the caller says.",
     )
     return App(name="echo", root_agent=agent)
