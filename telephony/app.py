@@ -188,6 +188,9 @@ async def serve_stream(calls: CallRegistry) -> None:
         await finished.wait()
     finally:
         reader.cancel()
+        # The reader may have claimed a call in the step it was cancelled in: let it finish
+        # before closing what it claimed.
+        await asyncio.wait({reader})
         for call in claimed:
             await call.close("media stream closed")
 
@@ -210,9 +213,10 @@ async def _read_stream(calls: CallRegistry, claimed: list[Call], finished: async
     try:
         while True:
             try:
-                frame = await asyncio.wait_for(
-                    websocket.receive(), None if claimed else START_TIMEOUT_S
-                )
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation
+                # that arrives as the message does, and this task would outlive its stream.
+                async with asyncio.timeout(None if claimed else START_TIMEOUT_S):
+                    frame = await websocket.receive()
             except TimeoutError:
                 log.warning("stream: no start within %.0f s; closing it", START_TIMEOUT_S)
                 return
@@ -268,7 +272,8 @@ def _sender(call: Call) -> Callable[[str], Awaitable[None]]:
         if dead:
             return
         try:
-            await asyncio.wait_for(write(text), SEND_TIMEOUT_S)
+            async with asyncio.timeout(SEND_TIMEOUT_S):
+                await write(text)
         except TimeoutError:
             dead = True
             log.warning(

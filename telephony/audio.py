@@ -7,6 +7,8 @@ Pure: bytes in, bytes out, no I/O. Each converter instance carries one call's st
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 try:
@@ -47,6 +49,9 @@ def _mulaw_encode_table() -> np.ndarray:
 _DECODE = _mulaw_decode_table()
 _DECODE_F = _DECODE.astype(np.float32)
 _ENCODE = _mulaw_encode_table()
+_DECODE_F_BYTES = _DECODE_F.tobytes()
+_ENCODE_BYTES = _ENCODE.tobytes()
+"""The tables as the C kernel takes them: one copy shared by every call (64 KiB each)."""
 
 
 def mulaw_decode(data: bytes) -> bytes:
@@ -70,6 +75,26 @@ def kaiser_lowpass(taps: int, cutoff: float, attenuation_db: float, gain: float)
     return h * (gain / h.sum())
 
 
+@functools.lru_cache(maxsize=16)
+def _polyphase_weights(up: int, down: int, taps_bytes: bytes) -> np.ndarray:
+    """The (up x window) matrix of a filter, built once per filter and shared by every call."""
+    taps = np.frombuffer(taps_bytes, np.float64)
+    k = len(taps)
+    width = -(-k // up) + down
+    weights = np.zeros((up, width))
+    for r in range(up):
+        for j in range(width):
+            idx = r * down + (width - down - j) * up
+            if 0 <= idx < k:
+                weights[r, j] = taps[idx]
+    # Columns contiguous: np.dot then runs one BLAS dot per output over strided windows.
+    # float32: its rounding error sits far below the 16-bit output's LSB, and it halves
+    # the memory each per-output dot product reads.
+    weights = weights.astype(np.float32)
+    weights.flags.writeable = False
+    return weights
+
+
 class Resampler:
     """Streaming rational resampler (up/down) built on one polyphase FIR.
 
@@ -86,18 +111,9 @@ class Resampler:
         self.up, self.down = up, down
         k = len(taps)
         self._width = -(-k // up) + down
-        weights = np.zeros((up, self._width))
-        for r in range(up):
-            for j in range(self._width):
-                idx = r * down + (self._width - down - j) * up
-                if 0 <= idx < k:
-                    weights[r, j] = taps[idx]
-        # Columns contiguous: np.dot then runs one BLAS dot per output over strided windows.
-        # float32: its rounding error sits far below the 16-bit output's LSB, and it halves
-        # the memory each per-output dot product reads.
-        weights = weights.astype(np.float32)
+        weights = _polyphase_weights(up, down, np.asarray(taps, np.float64).tobytes())
         self.kernel = (
-            _fir.Polyphase(up, down, weights.tobytes(), _DECODE_F.tobytes(), _ENCODE.tobytes())
+            _fir.Polyphase(up, down, weights.tobytes(), _DECODE_F_BYTES, _ENCODE_BYTES)
             if native
             else None
         )

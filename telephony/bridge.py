@@ -340,7 +340,8 @@ class Call:
         self._ending = True
         await self.player.clear()
         with contextlib.suppress(TimeoutError):  # failed before the stream opened: wait for it
-            await asyncio.wait_for(self._attached.wait(), ATTACH_WAIT_S)
+            async with asyncio.timeout(ATTACH_WAIT_S):
+                await self._attached.wait()
         if self.stream_sid:
             self.player.enqueue(mulaw)
             await self.player.flush()
@@ -431,7 +432,8 @@ class Call:
         for task in others:
             task.cancel()
         try:
-            await asyncio.wait_for(pump, CLOSE_GRACE_S)
+            async with asyncio.timeout(CLOSE_GRACE_S):
+                await pump  # cancelled with us on the timeout
         except (TimeoutError, asyncio.CancelledError):
             self._log("live session did not end within %.0f s; cancelled", CLOSE_GRACE_S)
         except Exception as exc:

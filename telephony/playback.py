@@ -9,6 +9,7 @@ agent audio only a short lead ahead of the caller's ear, so a barge-in has littl
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
@@ -192,7 +193,6 @@ class Player:
             if due == float("inf"):
                 await self._wake.wait()
             else:
-                try:
-                    await asyncio.wait_for(self._wake.wait(), due + 0.001)
-                except TimeoutError:
-                    pass
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(due + 0.001):
+                        await self._wake.wait()

@@ -33,6 +33,7 @@ class CallRegistry:
         self._timeout = connect_timeout_s
         self._calls: dict[str, Call] = {}
         self._attached: set[str] = set()
+        self._expiries: dict[str, asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.draining = False
         """Shutting down: the webhook turns new calls away."""
@@ -50,7 +51,9 @@ class CallRegistry:
         if call is not None:
             return call
         call = self._new(info)
-        asyncio.get_running_loop().call_later(self._timeout, self._expire, call)
+        self._expiries[info.call_sid] = asyncio.get_running_loop().call_later(
+            self._timeout, self._expire, call
+        )
         return call
 
     def claim(self, info: CallInfo) -> Call:
@@ -65,7 +68,13 @@ class CallRegistry:
         if call is None:
             call = self._new(info)
         self._attached.add(info.call_sid)
+        self._cancel_expiry(info.call_sid)
         return call
+
+    def _cancel_expiry(self, call_sid: str) -> None:
+        """The timer holds the call: let it go as soon as it is not needed."""
+        if (timer := self._expiries.pop(call_sid, None)) is not None:
+            timer.cancel()
 
     def _new(self, info: CallInfo) -> Call:
         call = self._factory(info)
@@ -91,10 +100,12 @@ class CallRegistry:
         if self._calls.get(call.info.call_sid) is call:
             del self._calls[call.info.call_sid]
             self._attached.discard(call.info.call_sid)
+            self._cancel_expiry(call.info.call_sid)
         if not self._calls:
             self._emptied.set()
 
     def _expire(self, call: Call) -> None:
+        self._expiries.pop(call.info.call_sid, None)
         if self._calls.get(call.info.call_sid) is call and call.info.call_sid not in self._attached:
             log.warning(
                 "call %s: no media stream within %.0f s; ending it",
@@ -116,7 +127,8 @@ class CallRegistry:
         if self._calls:
             self._emptied.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._emptied.wait(), timeout_s)
+                async with asyncio.timeout(timeout_s):
+                    await self._emptied.wait()
         remaining = list(self._calls.values())
         if remaining:
             log.info("drain time is up: saying goodbye to %d call(s)", len(remaining))

@@ -253,7 +253,8 @@ async def _play(sim: CallerSimulator, script: list[ScriptStep], original: Record
     last = max((e.t for e in original.entries), default=start) - start
     with contextlib.suppress(TimeoutError):
         remaining = sim.log.started + last - loop.time()
-        await asyncio.wait_for(sim.closed.wait(), max(0.0, remaining) + 5)
+        async with asyncio.timeout(max(0.0, remaining) + 5):
+            await sim.closed.wait()
 
 
 async def replay(

@@ -161,3 +161,19 @@ def test_oversized_and_malformed_webhooks_are_refused(server: RunningServer) -> 
     assert _post(server, b"From=%2B1555") == 400  # no CallSid
     assert _post(server, b"\xff\xfe\x00garbage") == 400
     assert _post(server, b"CallSid=CA1", path="/nowhere") == 404
+
+
+async def test_a_socket_closed_right_after_start_leaves_no_call_behind(
+    server: RunningServer,
+) -> None:
+    """The stream goes away while its start is being handled: the call must still end (on
+    Python 3.11 a wait_for around the read could swallow the cancellation and orphan it)."""
+    sids = [f"CA{n:032x}" for n in range(0xF000, 0xF000 + 10)]
+    for sid in sids:
+        async with place_call(server.base_url, call_sid=sid) as sim:
+            await sim.close()  # as soon as the start is out
+    for _ in range(100):
+        if all(server.calls.get(sid) is None for sid in sids):
+            break
+        await asyncio.sleep(0.05)
+    assert [sid for sid in sids if server.calls.get(sid) is not None] == []
