@@ -14,6 +14,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from google.adk.agents.live_request_queue import LiveRequestQueue  # noqa: E402
 from google.adk.events import Event  # noqa: E402
 from google.genai import types  # noqa: E402
 
@@ -37,11 +38,21 @@ class ScriptedRunner:
     def inject(self, event: Event) -> None:
         self.events.put_nowait(event)
 
-    async def run_live(self, **_: object) -> AsyncIterator[Event]:
-        while True:
-            event = await self.events.get()
-            self.delivered.append(time.perf_counter())
-            yield event
+    async def run_live(
+        self, live_request_queue: LiveRequestQueue, **_: object
+    ) -> AsyncIterator[Event]:
+        reader = asyncio.create_task(self._read(live_request_queue))  # as a model reads audio
+        try:
+            while True:
+                event = await self.events.get()
+                self.delivered.append(time.perf_counter())
+                yield event
+        finally:
+            reader.cancel()
+
+    async def _read(self, queue: LiveRequestQueue) -> None:
+        while not (await queue.get()).close:
+            pass
 
 
 async def one_call(n: int, seconds: float, frame_lat: list[float], out_lat: list[float]) -> None:
