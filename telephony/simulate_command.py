@@ -6,6 +6,7 @@ finish, and hangs up; what the caller heard goes to a WAV and a per-turn summary
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import sys
@@ -16,6 +17,7 @@ from typing import Any, TextIO
 import numpy as np
 
 from .replay import CallFigures, figures_from_log
+from .settings import Settings
 from .simulate import CallerSimulator, WebhookError, place_call
 from .wavfile import read_wav, to_phone_audio, write_wav
 
@@ -119,7 +121,7 @@ def format_summary(call: SimulatedCall) -> str:
     return "\n".join(lines)
 
 
-def main_simulate(args: Any, settings: Any) -> int:
+def main_simulate(args: argparse.Namespace, settings: Settings) -> int:
     """The CLI's `simulate` command (argparse namespace in, exit status out)."""
     from .wavfile import WavError
 
