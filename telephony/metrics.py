@@ -32,15 +32,6 @@ class Histogram:
     def count(self) -> int:
         return sum(self.counts)
 
-    def quantile_bound(self, q: float) -> float:
-        """The smallest bucket bound holding at least a fraction q of the observations."""
-        need, seen = q * self.count, 0
-        for bound, n in zip((*self.buckets, float("inf")), self.counts, strict=True):
-            seen += n
-            if seen >= need:
-                return bound
-        return float("inf")
-
     def render(self, name: str, help_text: str) -> list[str]:
         lines = [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"]
         seen = 0
