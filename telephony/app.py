@@ -199,6 +199,7 @@ async def _read_stream(calls: CallRegistry, claimed: list[Call], finished: async
     watchers: list[asyncio.Task[None]] = []
     where = "stream"
     bad = 0
+    connected: tuple[Connected, float] | None = None
 
     def refuse(problem: str) -> bool:
         """Logs a bad message; True when the socket has sent too many and must go."""
@@ -231,6 +232,8 @@ async def _read_stream(calls: CallRegistry, claimed: list[Call], finished: async
                     return
                 continue
             if isinstance(event, Connected):
+                # recorded once `start` says which call this is
+                connected = (event, asyncio.get_running_loop().time())
                 continue
             if isinstance(event, Start):
                 if claimed:
@@ -241,6 +244,8 @@ async def _read_stream(calls: CallRegistry, claimed: list[Call], finished: async
                 info = CallInfo(event.call_sid, params.get("caller", ""), params.get("callee", ""))
                 call = calls.claim(info)
                 claimed.append(call)
+                if connected is not None and call.recorder is not None:
+                    call.recorder.twilio_in(*connected)
                 call.attach(event, _sender(call))
                 where = f"call {event.call_sid}"
                 watchers.append(asyncio.create_task(_set_when(call.done, finished)))

@@ -273,8 +273,9 @@ class CallRecorder:
         """Position in the WAV (which starts with the media stream) of time t."""
         return int((t - self._stream_start) * RATE) if self._stream_start is not None else 0
 
-    def twilio_in(self, event: InboundEvent) -> None:
-        now = self._now()
+    def twilio_in(self, event: InboundEvent, at: float | None = None) -> None:
+        """`at`: when it arrived, on the call's clock, if that was before now."""
+        now = self._now() if at is None else at - self._t0
         self._line(f'{{"t":{now:.4f},"kind":"in","msg":{event.to_json()}}}')
         if isinstance(event, Start):
             self._stream_start = now

@@ -60,7 +60,8 @@ def test_recording_holds_every_message_model_event_and_metadata(recorded: Path) 
     assert times == sorted(times)
     inbound = {m["event"] for _, m in rec.twilio_in()}
     outbound = {m["event"] for _, m in rec.twilio_out()}
-    assert inbound == {"start", "media", "mark", "stop"}
+    assert inbound == {"connected", "start", "media", "mark", "stop"}
+    assert rec.twilio_in()[0][1]["event"] == "connected"
     assert outbound == {"media", "mark", "clear"}
     assert rec.transcripts("input") == ["(caller spoke for 4.0 s)", "(caller spoke for 2.8 s)"]
     assert rec.model("turn_complete") and rec.model("audio")
