@@ -145,18 +145,19 @@ class Call:
         self.caller_audio_dropped = 0
         """Caller frames dropped because the model was not reading them."""
         self._backlog_cleared = True
-        self.recorder = (
-            CallRecorder(
-                options.record_dir,
-                call_sid=info.call_sid,
-                caller=info.caller,
-                callee=info.callee,
-                agent=getattr(runner, "app_name", ""),
-                clock=clock,
-            )
-            if options.record_dir
-            else None
-        )
+        self.recorder: CallRecorder | None = None
+        if options.record_dir:
+            try:
+                self.recorder = CallRecorder(
+                    options.record_dir,
+                    call_sid=info.call_sid,
+                    caller=info.caller,
+                    callee=info.callee,
+                    agent=getattr(runner, "app_name", ""),
+                    clock=clock,
+                )
+            except OSError as exc:  # the recording is lost, never the call
+                self._log("not recorded: %s", exc, level=logging.ERROR)
 
     def _number(self, number: str) -> str:
         return mask_number(number) if self._options.mask_callers else number

@@ -139,3 +139,18 @@ def test_damaged_recordings_are_refused_with_the_line_at_fault(
 def test_missing_recording_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(RecordingError, match="cannot read"):
         load_recording(tmp_path / "nope.jsonl")
+
+
+def test_an_unwritable_record_dir_costs_the_recording_not_the_call(tmp_path: Path) -> None:
+    blocked = tmp_path / "not-a-dir"
+    blocked.write_text("a file where the folder should be")
+
+    async def call() -> int:
+        app = create_app(Settings(agent="echo", session_db="", record_dir=str(blocked)))
+        async with app.test_app():
+            async with place_call(app=app) as sim:
+                await asyncio.sleep(1.0)
+                await sim.hang_up()
+            return len(sim.log.heard)
+
+    assert run_virtual(call()) > 0  # the greeting played
