@@ -110,23 +110,6 @@ def own_cpu_s() -> float:
     return t.user + t.system
 
 
-async def _answer(sim: CallerSimulator, after: float, timeout: float = 10.0) -> float | None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while loop.time() < deadline:
-        got = [h.received for h in sim.log.heard if h.received > after]
-        if got:
-            return min(got)
-        await asyncio.sleep(0.02)
-    return None
-
-
-async def _quiet(sim: CallerSimulator, quiet: float = 0.5) -> None:
-    loop = asyncio.get_running_loop()
-    while loop.time() - max((h.end for h in sim.log.heard), default=0.0) < quiet:
-        await asyncio.sleep(0.05)
-
-
 def _lateness(sim: CallerSimulator) -> list[float]:
     """Per media message continuing a turn: arrival minus when the audio before it ran out."""
     out = []
@@ -149,12 +132,12 @@ async def one_call(url: str, n: int, seconds: float, rate: float, results: Resul
                 await sim.say(SPEECH[(n + turn) % len(SPEECH)])
                 await sim.finish_speaking()
                 spoke = loop.time()
-                answered = await _answer(sim, spoke)
-                if answered is None:
+                answer = await sim.agent_audio_after(spoke, timeout=10.0)
+                if answer is None:
                     results.failed.append(f"call {n}: turn {turn} was never answered")
                     return
-                results.latencies.append(answered - spoke)
-                await _quiet(sim)
+                results.latencies.append(answer.received - spoke)
+                await sim.agent_quiet(0.5)
                 turn += 1
             results.lateness += _lateness(sim)
             if sim.log.protocol_errors:

@@ -109,9 +109,8 @@ class Resampler:
         if native and _fir is None:
             raise RuntimeError("the C audio kernel (telephony._fir) is not built")
         self.up, self.down = up, down
-        k = len(taps)
-        self._width = -(-k // up) + down
         weights = _polyphase_weights(up, down, np.asarray(taps, np.float64).tobytes())
+        self._width = weights.shape[1]
         self.kernel = (
             _fir.Polyphase(up, down, weights.tobytes(), _DECODE_F_BYTES, _ENCODE_BYTES)
             if native
@@ -119,7 +118,7 @@ class Resampler:
         )
         self._weights = weights.T if up > 1 else weights[0]
         self._tail = np.zeros(self._width - down, np.float32)
-        self.delay_samples_in = (k - 1) / 2 / up
+        self.delay_samples_in = (len(taps) - 1) / 2 / up
         """Group delay, in input samples."""
 
     def process(self, x: np.ndarray) -> np.ndarray:

@@ -33,7 +33,7 @@ from .recording import CallRecorder
 from .security import mask_number
 from .vad import SpeechStart, VoiceActivityDetector
 
-__all__ = ["Call", "CallInfo", "CallOptions", "ModelStalled"]
+__all__ = ["CALL_TASKS", "Call", "CallInfo", "CallOptions", "ModelStalled"]
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,8 @@ def asset(name: str) -> bytes:
     return (resources.files("telephony") / "assets" / f"{name}.ulaw").read_bytes()
 
 
+CALL_TASKS = ("pump", "player", "watch", "live")
+"""Every task a call runs is named PREFIX-CALLSID with one of these prefixes."""
 CALLER_BACKLOG_LIMIT = 250
 """Requests (20 ms frames) waiting for the model beyond which caller audio is dropped."""
 
@@ -144,7 +146,7 @@ class Call:
         self.model_restarts = 0
         self.caller_audio_dropped = 0
         """Caller frames dropped because the model was not reading them."""
-        self._backlog_cleared = True
+        self._dropping = False
         self.recorder: CallRecorder | None = None
         if options.record_dir:
             try:
@@ -227,14 +229,14 @@ class Call:
     def _on_media(self, mulaw: bytes) -> bool:
         """Caller audio to the model; True when the caller just started talking over the agent."""
         pcm = self._inbound.convert(mulaw)
-        if self.live_queue.offer(types.Blob(data=pcm, mime_type=CALLER_AUDIO_MIME)):
-            if self.caller_audio_dropped and not self._backlog_cleared:
-                self._backlog_cleared = True
+        accepted = self.live_queue.offer(types.Blob(data=pcm, mime_type=CALLER_AUDIO_MIME))
+        if accepted == self._dropping:  # dropping starts or stops
+            self._dropping = not accepted
+            if accepted:
                 self._log("the model reads caller audio again")
-        else:
-            if not self.caller_audio_dropped or self._backlog_cleared:
+            else:
                 self._log("the model is not reading: dropping caller audio", level=logging.WARNING)
-            self._backlog_cleared = False
+        if not accepted:
             self.caller_audio_dropped += 1
         self._last_media = self._clock()
         self._caller_audio_ended = False
@@ -297,7 +299,7 @@ class Call:
                 else run.exception()
             )
             if error is None:
-                self._finish("live session ended")
+                self.end("live session ended")
                 return
             failures = 1 if self._model_events else failures + 1
             if failures > self._options.model_restarts:
@@ -349,7 +351,7 @@ class Call:
             deadline = self._clock() + len(mulaw) / 8000 + LAST_WORDS_MARGIN_S
             while self.player.busy() and self._clock() < deadline:
                 await asyncio.sleep(0.05)
-        self._finish(reason)
+        self.end(reason)
 
     async def _on_model_event(self, event: Event) -> None:
         if self.recorder is not None:
@@ -387,20 +389,17 @@ class Call:
         if task.cancelled() or task.exception() is None:
             return
         self._log("task %s failed: %r", task.get_name(), task.exception(), level=logging.ERROR)
-        self._finish(f"internal error in {task.get_name()}")
+        self.end(f"internal error in {task.get_name()}")
 
     def end(self, reason: str) -> None:
-        """Ends the call from outside (the socket handler then hangs up and closes it)."""
-        self._finish(reason)
-
-    def _finish(self, reason: str) -> None:
+        """Marks the call over, whoever ends it (the socket handler then hangs up)."""
         if not self.end_reason:
             self.end_reason = reason
         self.done.set()
 
     async def close(self, reason: str) -> None:
         """Ends the call and everything it owns; safe to call any number of times."""
-        self._finish(reason)
+        self.end(reason)
         if self._closing is None:
             self._closing = asyncio.create_task(self._shutdown())
         await asyncio.shield(self._closing)

@@ -119,16 +119,20 @@ class CallRegistry:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Waits for the last call to end; False if some are still on after `timeout_s`."""
+        if self._calls:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout_s):
+                    await self._emptied.wait()
+        return not self._calls
+
     async def drain(self, timeout_s: float, goodbye: bytes) -> None:
         """Turns new calls away, lets the active ones finish for up to `timeout_s`, then says
         `goodbye` to those still talking and ends them."""
         self.draining = True
         log.info("draining: %d active call(s), waiting up to %.0f s", len(self), timeout_s)
-        if self._calls:
-            self._emptied.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(timeout_s):
-                    await self._emptied.wait()
+        await self.wait_idle(timeout_s)
         remaining = list(self._calls.values())
         if remaining:
             log.info("drain time is up: saying goodbye to %d call(s)", len(remaining))

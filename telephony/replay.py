@@ -23,6 +23,7 @@ from typing import Any
 
 from .agents import AgentSpec
 from .audio import InboundConverter
+from .bridge import CALL_TASKS
 from .recording import Recording, load_recording
 from .simulate import CallerSimulator, CallLog, place_call
 from .vad import SpeechEnd, SpeechStart, VoiceActivityDetector
@@ -313,16 +314,12 @@ def replay_in_process(
         app = create_app(config, agent if isinstance(agent, AgentSpec) else None)
         async with app.test_app():
             result = await replay(recording, app=app, record_dir=record_dir)
-            calls = app.extensions["telephony.calls"]
-            for _ in range(100):
-                if not len(calls):
-                    break
-                await asyncio.sleep(0.1)
+            await app.extensions["telephony.calls"].wait_idle(10.0)
             await asyncio.sleep(0)
             result.leftover_tasks = [
                 t.get_name()
                 for t in asyncio.all_tasks()
-                if t.get_name().split("-")[0] in ("pump", "player", "watch", "live")
+                if t.get_name().split("-")[0] in CALL_TASKS
             ]
             return result
 

@@ -217,6 +217,26 @@ class CallerSimulator:
         while self._outgoing:
             await asyncio.sleep(FRAME_S)
 
+    async def agent_audio_after(self, t: float, timeout: float) -> Heard | None:
+        """The first agent audio that arrived after `t`, waiting up to `timeout` for it."""
+        deadline = self._clock() + timeout
+        while True:
+            arrived = [h for h in self.log.heard if h.received > t]
+            if arrived:
+                return min(arrived, key=lambda h: h.received)
+            if self._clock() >= deadline:
+                return None
+            await asyncio.sleep(0.02)
+
+    async def agent_quiet(self, quiet_s: float, since: float = 0.0) -> None:
+        """Returns once no agent audio has played for `quiet_s`, counted from `since` at the
+        earliest, or once the call is over."""
+        while not self.closed.is_set():
+            heard_until = max((h.end for h in self.log.heard), default=0.0)
+            if self._clock() - max(since, heard_until) >= quiet_s:
+                return
+            await asyncio.sleep(0.05)
+
     async def _stream_caller(self) -> None:
         next_at = self._clock()
         while True:

@@ -57,13 +57,9 @@ async def simulate_call(
             await asyncio.sleep(GREETING_S)
             await sim.say(audio)
             await sim.finish_speaking()
-            spoke_until = loop.time()
-            deadline = sim.log.started + max_s
-            while loop.time() < deadline and not sim.closed.is_set():
-                last_heard = max((h.end for h in sim.log.heard), default=0.0)
-                if loop.time() - max(last_heard, spoke_until) >= settle_s:
-                    break
-                await asyncio.sleep(0.1)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout_at(sim.log.started + max_s):
+                    await sim.agent_quiet(settle_s, since=loop.time())
             duration = loop.time() - sim.log.started
             await sim.hang_up()
         finally:

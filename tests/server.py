@@ -15,6 +15,7 @@ from hypercorn.config import Config
 from quart import Quart
 
 from telephony.app import create_app
+from telephony.bridge import CALL_TASKS
 from telephony.registry import CallRegistry
 from telephony.settings import Settings
 
@@ -33,9 +34,7 @@ class RunningServer:
     def call_tasks(self) -> list[str]:
         """Names of the per-call tasks still alive in the server's loop."""
         future = asyncio.run_coroutine_threadsafe(_task_names(), self.loop)
-        return [
-            n for n in future.result(5) if n.split("-")[0] in ("pump", "player", "watch", "live")
-        ]
+        return [n for n in future.result(5) if n.split("-")[0] in CALL_TASKS]
 
 
 async def _task_names() -> list[str]:

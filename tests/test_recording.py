@@ -32,17 +32,13 @@ async def _barge_in_call(record_dir: Path) -> None:
             await asyncio.sleep(1.0)
             await sim.say(fixture("hello"))
             await sim.finish_speaking()
-            while not [h for h in sim.log.heard if h.start > loop.time() - 0.1]:
-                await asyncio.sleep(0.02)
+            assert await sim.agent_audio_after(loop.time() - 0.1, timeout=5.0) is not None
             await asyncio.sleep(2.0)
             await sim.say(fixture("stop"))
             await sim.finish_speaking()
             await asyncio.sleep(4.0)
             await sim.hang_up()
-        for _ in range(50):
-            if not app.extensions["telephony.calls"]:
-                break
-            await asyncio.sleep(0.1)
+        await app.extensions["telephony.calls"].wait_idle(5.0)
 
 
 @pytest.fixture(scope="module")

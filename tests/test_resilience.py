@@ -49,10 +49,7 @@ def run_call(
             async with place_call(app=app, call_sid=SID) as sim:
                 await script(sim)
             calls = app.extensions["telephony.calls"]
-            for _ in range(100):
-                if not len(calls):
-                    break
-                await asyncio.sleep(0.1)
+            await calls.wait_idle(10.0)
             model = app_.root_agent.model
             assert isinstance(model, EchoLlm)
             recording = load_recording(tmp / f"{SID}.jsonl")

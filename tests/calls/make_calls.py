@@ -45,32 +45,19 @@ def with_noise(mulaw: bytes, rms: float, seed: int = 3) -> bytes:
     return mulaw_encode(mixed.tobytes())
 
 
-async def agent_starts(sim: CallerSimulator, after: float, timeout: float = 15.0) -> float:
-    """Waits for agent audio that starts playing after `after`; returns when it starts."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while loop.time() < deadline:
-        starts = [h.start for h in sim.log.heard if h.start > after]
-        if starts:
-            return min(starts)
-        await asyncio.sleep(0.01)
-    raise TimeoutError("the agent never answered")
-
-
-async def agent_done(sim: CallerSimulator, quiet: float = 1.5) -> None:
-    loop = asyncio.get_running_loop()
-    while True:
-        last = max((h.end for h in sim.log.heard), default=0.0)
-        if loop.time() - last >= quiet:
-            return
-        await asyncio.sleep(0.05)
+async def agent_starts(sim: CallerSimulator, after: float) -> float:
+    """When agent audio arriving after `after` starts playing."""
+    heard = await sim.agent_audio_after(after, timeout=15.0)
+    if heard is None:
+        raise TimeoutError("the agent never answered")
+    return heard.start
 
 
 async def say_and_wait(sim: CallerSimulator, audio: bytes) -> None:
     await sim.say(audio)
     await sim.finish_speaking()
     await agent_starts(sim, asyncio.get_running_loop().time())
-    await agent_done(sim)
+    await sim.agent_quiet(1.5)
 
 
 async def one_turn(sim: CallerSimulator) -> None:
@@ -137,7 +124,7 @@ async def noisy_speech(sim: CallerSimulator) -> None:
     await sim.say(line_noise(1.5, "line", rms=600, seed=5) + audio)
     await sim.finish_speaking()
     await agent_starts(sim, asyncio.get_running_loop().time())
-    await agent_done(sim)
+    await sim.agent_quiet(1.5)
     await sim.hang_up()
 
 
