@@ -124,7 +124,6 @@ def _simulate(args: argparse.Namespace) -> int:
     except SettingsError as exc:
         print(f"telephony: {exc}", file=sys.stderr)
         return 2
-    args.auth_token = settings.twilio_auth_token
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return main_simulate(args, settings)

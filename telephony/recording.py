@@ -87,10 +87,6 @@ class Recording:
     entries: list[Entry] = field(default_factory=list)
     truncated: bool = False
 
-    @property
-    def call_sid(self) -> str:
-        return str(self.header.get("call_sid", ""))
-
     def twilio_in(self) -> list[tuple[float, dict[str, Any]]]:
         return [(e.t, e.data["msg"]) for e in self.entries if e.kind == "in"]
 

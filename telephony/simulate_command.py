@@ -129,7 +129,9 @@ def main_simulate(args: argparse.Namespace, settings: Settings) -> int:
             settle_s=args.settle, max_s=args.max_seconds, progress=sys.stderr
         )
         if args.url:
-            return await simulate_call(wav, url=args.url, auth_token=args.auth_token, **kwargs)
+            return await simulate_call(
+                wav, url=args.url, auth_token=settings.twilio_auth_token, **kwargs
+            )
         from .app import create_app
 
         app = create_app(settings)
