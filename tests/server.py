@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
+import subprocess
+import sys
 import threading
+import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -78,3 +83,36 @@ def running_server(tmp: Path, **overrides: object) -> Iterator[RunningServer]:
     finally:
         loop.call_soon_threadsafe(stop.set)
         thread.join(15)
+
+
+@contextmanager
+def echo_process(
+    tmp: Path, *, env: dict[str, str] | None = None, capture: bool = False
+) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """`telephony serve echo` in a process of its own, as a user runs it; yields the process
+    (its output in `stdout` with `capture`) and its URL once it answers /healthz."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "telephony.cli", "serve", "echo", "--port", str(port)]
+        + ["--session-db", str(tmp / "sessions.db")],
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE if capture else subprocess.DEVNULL,
+        stderr=subprocess.STDOUT if capture else subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        for _ in range(150):
+            try:
+                urllib.request.urlopen(url + "/healthz", timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        yield proc, url
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()

@@ -6,11 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import sqlite3
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -21,7 +18,7 @@ from telephony.bridge import asset
 from telephony.simulate import place_call
 
 from .audio_tools import best_correlation, fixture, pcm
-from .server import free_port
+from .server import echo_process
 
 
 def _get(url: str) -> tuple[int, str]:
@@ -38,24 +35,8 @@ def _post(url: str, form: bytes) -> str:
 
 
 async def test_sigterm_drains_calls_then_says_goodbye(tmp_path: Path) -> None:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
     db = tmp_path / "sessions.db"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "telephony.cli", "serve", "echo", "--port", str(port)]
-        + ["--session-db", str(db)],
-        env={**os.environ, "TELEPHONY_DRAIN_S": "4"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        for _ in range(150):
-            try:
-                if _get(url + "/healthz")[0] == 200:
-                    break
-            except OSError:
-                time.sleep(0.1)
+    with echo_process(tmp_path, env={"TELEPHONY_DRAIN_S": "4"}, capture=True) as (proc, url):
         sid = "CA" + "f" * 32
         async with place_call(url, call_sid=sid) as sim:
             await asyncio.sleep(1.0)
@@ -82,9 +63,6 @@ async def test_sigterm_drains_calls_then_says_goodbye(tmp_path: Path) -> None:
         assert len(heard) / 8000 >= ended - sim.log.started - 0.5  # all of it before hanging up
         output, _ = proc.communicate(timeout=15)
         assert proc.returncode == 0, output
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     assert "draining: 1 active call(s)" in output
     assert f"call {sid}: ended: server shutting down" in output
     with sqlite3.connect(db) as conn:
@@ -94,24 +72,8 @@ async def test_sigterm_drains_calls_then_says_goodbye(tmp_path: Path) -> None:
 
 
 async def test_an_idle_server_stops_at_once(tmp_path: Path) -> None:
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "telephony.cli", "serve", "echo", "--port", str(port)]
-        + ["--session-db", str(tmp_path / "s.db")],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        for _ in range(150):
-            try:
-                _get(f"http://127.0.0.1:{port}/healthz")
-                break
-            except OSError:
-                time.sleep(0.1)
+    with echo_process(tmp_path) as (proc, _):
         started = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(10) == 0
         assert time.monotonic() - started < 3
-    finally:
-        if proc.poll() is None:
-            proc.kill()

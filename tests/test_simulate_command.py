@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
-import urllib.request
 import wave
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,7 @@ import pytest
 from telephony.wavfile import read_wav, to_phone_audio, write_wav
 
 from .audio_tools import best_correlation, fixture, pcm
-from .server import free_port
+from .server import echo_process
 
 CLI = [sys.executable, "-m", "telephony.cli"]
 
@@ -31,25 +30,9 @@ def _speech_wav(path: Path, rate: int) -> np.ndarray:
 
 
 @pytest.fixture
-def echo_server(tmp_path: Path):  # type: ignore[no-untyped-def]
-    port = free_port()
-    proc = subprocess.Popen(
-        [*CLI, "serve", "echo", "--port", str(port), "--session-db", str(tmp_path / "s.db")],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(150):
-            try:
-                urllib.request.urlopen(url + "/healthz", timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.1)
+def echo_server(tmp_path: Path) -> Iterator[str]:
+    with echo_process(tmp_path) as (_, url):
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(15)
 
 
 def test_simulate_against_a_running_echo_server(tmp_path: Path, echo_server: str) -> None:
