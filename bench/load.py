@@ -10,7 +10,7 @@ this includes the load generator's own delays) and as the server sent it (its /m
 histogram, as a bucket bound), server CPU (share of one core) and RSS per call, and the load
 generator's own CPU.
 
-Run: python bench/load.py [N ...] [--seconds S] [--leak-calls M]
+Run: python bench/load.py [N ...] [--seconds S] [--instances K] [--leak-calls M]
 """
 
 from __future__ import annotations
@@ -52,12 +52,12 @@ class Results:
 class Server:
     """`telephony serve echo` in a child process, with its CPU and memory read from /proc."""
 
-    def __init__(self, tmp: Path, session_db: str | None = None) -> None:
+    def __init__(self, session_db: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "telephony.cli", "serve", "echo", "--port", str(self.port)]
-            + ["--session-db", str(tmp / "sessions.db") if session_db is None else session_db],
+            + ["--session-db", session_db],
             env={**os.environ, "TELEPHONY_LOG_LEVEL": "WARNING"},
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -74,9 +74,9 @@ class Server:
         with urllib.request.urlopen(self.url + "/healthz", timeout=5) as response:
             return json.loads(response.read())
 
-    def gap_quantile_ms(self, q: float) -> float:
-        """From the server's own /metrics: the bucket bound under which a fraction q of the
-        agent audio messages left (how late after the audio before them ran out)."""
+    def gap_buckets(self) -> list[tuple[float, int]]:
+        """The server's /metrics histogram of how late each agent audio message left after
+        the audio before it ran out: (bound in seconds, messages at most that late)."""
         with urllib.request.urlopen(self.url + "/metrics", timeout=5) as response:
             text = response.read().decode()
         buckets = []
@@ -84,8 +84,7 @@ class Server:
             if line.startswith("telephony_agent_audio_gap_seconds_bucket"):
                 bound = line.split('le="')[1].split('"')[0]
                 buckets.append((float(bound), int(line.rsplit(" ", 1)[1])))
-        total = buckets[-1][1]
-        return next(b for b, seen in buckets if seen >= q * total) * 1000
+        return buckets
 
     def cpu_s(self) -> float:
         with open(f"/proc/{self.proc.pid}/stat") as f:
@@ -103,6 +102,50 @@ class Server:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+
+class Fleet:
+    """K instances side by side, as behind a load balancer: call n's webhook goes to instance
+    n mod K, whose TwiML sends the media stream back to it."""
+
+    def __init__(self, instances: int, tmp: Path, session_db: str | None) -> None:
+        self.servers: list[Server] = []
+        tmp = Path(tempfile.mkdtemp(dir=tmp))  # fresh databases: the call SIDs repeat
+        try:
+            for i in range(instances):
+                db = str(tmp / f"sessions-{i}.db") if session_db is None else session_db
+                self.servers.append(Server(db))
+        except BaseException:
+            self.stop()
+            raise
+
+    def url(self, n: int) -> str:
+        return self.servers[n % len(self.servers)].url
+
+    def cpu_s(self) -> float:
+        return sum(s.cpu_s() for s in self.servers)
+
+    def rss_mb(self) -> float:
+        return sum(s.rss_mb() for s in self.servers)
+
+    def health(self) -> tuple[int, int]:
+        """Tasks and active calls, over all instances."""
+        states = [s.health() for s in self.servers]
+        return sum(h["tasks"] for h in states), sum(h["active_calls"] for h in states)
+
+    def gap_quantile_ms(self, q: float) -> float:
+        """The bucket bound under which a fraction q of all agent audio messages left."""
+        merged: dict[float, int] = {}
+        for server in self.servers:
+            for bound, seen in server.gap_buckets():
+                merged[bound] = merged.get(bound, 0) + seen
+        buckets = sorted(merged.items())
+        total = buckets[-1][1]
+        return next(b for b, seen in buckets if seen >= q * total) * 1000
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.stop()
 
 
 def own_cpu_s() -> float:
@@ -153,20 +196,20 @@ async def one_call(url: str, n: int, seconds: float, rate: float, results: Resul
         results.failed.append(f"call {n}: {exc!r}")
 
 
-async def concurrent(server: Server, calls: int, seconds: float, rate: float) -> dict[str, float]:
+async def concurrent(fleet: Fleet, calls: int, seconds: float, rate: float) -> dict[str, float]:
     results = Results()
-    idle_rss = server.rss_mb()
-    cpu0, own0, t0 = server.cpu_s(), own_cpu_s(), time.monotonic()
+    idle_rss = fleet.rss_mb()
+    cpu0, own0, t0 = fleet.cpu_s(), own_cpu_s(), time.monotonic()
     peak_rss = idle_rss
 
     async def sample() -> None:
         nonlocal peak_rss
         while True:
             await asyncio.sleep(1.0)
-            peak_rss = max(peak_rss, server.rss_mb())
+            peak_rss = max(peak_rss, fleet.rss_mb())
 
     sampler = asyncio.create_task(sample())
-    await asyncio.gather(*(one_call(server.url, n, seconds, rate, results) for n in range(calls)))
+    await asyncio.gather(*(one_call(fleet.url(n), n, seconds, rate, results) for n in range(calls)))
     sampler.cancel()
     wall = time.monotonic() - t0
     late = np.maximum(np.array(results.lateness or [0.0]), 0) * 1000
@@ -174,7 +217,7 @@ async def concurrent(server: Server, calls: int, seconds: float, rate: float) ->
     for problem in results.failed[:3]:
         print(f"    {problem}")
     return {
-        "gap_p99": server.gap_quantile_ms(0.99),
+        "gap_p99": fleet.gap_quantile_ms(0.99),
         "calls": calls,
         "completed": results.completed,
         "refused": results.refused,
@@ -182,17 +225,17 @@ async def concurrent(server: Server, calls: int, seconds: float, rate: float) ->
         "latency_p99": float(np.percentile(lat, 99)),
         "late_p99": float(np.percentile(late, 99)),
         "late_max": float(late.max()),
-        "server_cpu_per_call": (server.cpu_s() - cpu0)
+        "server_cpu_per_call": (fleet.cpu_s() - cpu0)
         / wall
         / max(1, calls - results.refused)
         * 100,
-        "server_cpu": (server.cpu_s() - cpu0) / wall * 100,
+        "server_cpu": (fleet.cpu_s() - cpu0) / wall * 100,
         "client_cpu": (own_cpu_s() - own0) / wall * 100,
         "rss_per_call": (peak_rss - idle_rss) / max(1, calls - results.refused),
     }
 
 
-async def leak_check(server: Server, calls: int, wave: int) -> None:
+async def leak_check(fleet: Fleet, calls: int, wave: int) -> None:
     """Short calls (greeting, one sentence, hang-up), `wave` at a time."""
 
     refused = 0
@@ -200,7 +243,7 @@ async def leak_check(server: Server, calls: int, wave: int) -> None:
     async def short(n: int) -> None:
         nonlocal refused
         try:
-            async with place_call(server.url, call_sid=f"CB{n:032x}") as sim:
+            async with place_call(fleet.url(n), call_sid=f"CB{n:032x}") as sim:
                 await asyncio.sleep(0.6)
                 await sim.hang_up()
         except WebhookError:
@@ -210,8 +253,7 @@ async def leak_check(server: Server, calls: int, wave: int) -> None:
         await asyncio.gather(*(short(n) for n in range(start, min(calls, start + wave))))
         if start + wave in (100, calls):
             await asyncio.sleep(1.0)
-            health = server.health()
-            state = (server.rss_mb(), health["tasks"], health["active_calls"])
+            state = (fleet.rss_mb(), *fleet.health())
             print(
                 f"  after {start + wave:5d} calls: server RSS {state[0]:6.1f} MB, "
                 f"{state[1]} tasks, {state[2]} active calls ({refused} refused)"
@@ -228,6 +270,9 @@ def main() -> None:
         help="the server's session database (default: a fresh SQLite file; "
         "'' keeps sessions in memory)",
     )
+    parser.add_argument(
+        "--instances", type=int, default=1, help="server processes, calls spread over them"
+    )
     parser.add_argument("--leak-calls", type=int, default=1000)
     parser.add_argument("--wave", type=int, default=10)
     args = parser.parse_args()
@@ -241,11 +286,11 @@ def main() -> None:
     )
     with tempfile.TemporaryDirectory() as tmp:
         for calls in args.calls:
-            server = Server(Path(tmp), args.session_db)
+            fleet = Fleet(args.instances, Path(tmp), args.session_db)
             try:
-                r = asyncio.run(concurrent(server, calls, args.seconds, args.rate))
+                r = asyncio.run(concurrent(fleet, calls, args.seconds, args.rate))
             finally:
-                server.stop()
+                fleet.stop()
             print(
                 f"{calls:5d}  {r['completed']:4d}/{calls:<4d} {r['refused']:5d}"
                 f"  {r['latency_p50']:8.0f} /"
@@ -257,11 +302,11 @@ def main() -> None:
             )
         if args.leak_calls:
             print(f"leak check: {args.leak_calls} short calls, {args.wave} at a time")
-            server = Server(Path(tmp))
+            fleet = Fleet(args.instances, Path(tmp), None)
             try:
-                asyncio.run(leak_check(server, args.leak_calls, args.wave))
+                asyncio.run(leak_check(fleet, args.leak_calls, args.wave))
             finally:
-                server.stop()
+                fleet.stop()
 
 
 if __name__ == "__main__":

@@ -135,14 +135,15 @@ def create_app(settings: Settings, spec: AgentSpec | None = None) -> Quart:
         )
         calls.prestart(info)
         twiml = connect_stream(
-            websocket_url(base, STREAM_PATH),
+            websocket_url(settings.stream_url.rstrip("/") or base, STREAM_PATH),
             {"callSid": call_sid, "caller": info.caller, "callee": info.callee},
         )
         return Response(twiml, content_type="text/xml")
 
     @app.websocket(STREAM_PATH)
     async def stream() -> tuple[str, int] | None:
-        base = settings.public_url.rstrip("/") or f"http://{websocket.host}"
+        base = (settings.stream_url or settings.public_url).rstrip("/")
+        base = base or f"http://{websocket.host}"
         signatures = checker(base)
         if signatures is not None:
             reason = signatures.check_websocket(

@@ -26,6 +26,10 @@ class Settings:
     port: int = 8080
     public_url: str = ""
     """Base URL Twilio reaches us at (https://...); signatures and the stream URL use it."""
+    stream_url: str = ""
+    """This instance's own base URL (https://host), when several instances share the webhook
+    address: the TwiML sends each call's media stream back to the instance that answered it,
+    and upgrade signatures are checked against it. Empty: the public URL."""
     twilio_auth_token: str = ""
     agent: str = ""
     """`echo`, an agent folder (adk web layout), or empty for the built-in Gemini agent."""
@@ -84,20 +88,11 @@ class Settings:
         return settings
 
     def validate(self) -> None:
-        if self.public_url:
-            parts = urlsplit(self.public_url)
-            if parts.scheme not in ("https", "http") or not parts.netloc:
+        for name, url in (("PUBLIC_URL", self.public_url), ("STREAM_URL", self.stream_url)):
+            _check_origin(f"TELEPHONY_{name}", url)
+            if url.startswith("https://") and not self.twilio_auth_token and not self.insecure:
                 raise SettingsError(
-                    f"TELEPHONY_PUBLIC_URL must look like https://host, got {self.public_url!r}"
-                )
-            if parts.path not in ("", "/") or parts.query:
-                raise SettingsError(
-                    "TELEPHONY_PUBLIC_URL must be a bare origin (no path, no query)"
-                )
-        if self.public_url.startswith("https://") and not self.twilio_auth_token:
-            if not self.insecure:
-                raise SettingsError(
-                    "TELEPHONY_PUBLIC_URL is public (https) but TWILIO_AUTH_TOKEN is not set: "
+                    f"TELEPHONY_{name} is public (https) but TWILIO_AUTH_TOKEN is not set: "
                     "anyone could call in. Set the token, or TELEPHONY_INSECURE=1 to accept that"
                 )
         if not 0 < self.port < 65536:
@@ -114,6 +109,16 @@ class Settings:
             raise SettingsError("TELEPHONY_MODEL_STALL_S must be positive")
         if self.playback_lead_ms < 40:
             raise SettingsError("TELEPHONY_PLAYBACK_LEAD_MS must be at least 40")
+
+
+def _check_origin(name: str, url: str) -> None:
+    if not url:
+        return
+    parts = urlsplit(url)
+    if parts.scheme not in ("https", "http") or not parts.netloc:
+        raise SettingsError(f"{name} must look like https://host, got {url!r}")
+    if parts.path not in ("", "/") or parts.query:
+        raise SettingsError(f"{name} must be a bare origin (no path, no query)")
 
 
 def _coerce(name: str, raw: str, kind: type) -> object:

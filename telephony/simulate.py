@@ -172,6 +172,8 @@ class CallerSimulator:
         """Like real Twilio, send silence frames whenever the caller has nothing to say."""
         self._clock = clock or asyncio.get_running_loop().time
         self.log = CallLog()
+        self.stream_url = ""
+        """Where the TwiML told Twilio to open the stream (set by `place_call`)."""
         self._outgoing: deque[tuple[bytes, asyncio.Future[float] | None]] = deque()
         self._seq = 0
         self._chunk = 0
@@ -387,6 +389,7 @@ async def place_call(
                 )
             )
         sim = CallerSimulator(ws, call_sid=call_sid, parameters=params, continuous=continuous)
+        sim.stream_url = stream_url
         await sim.begin()
         try:
             yield sim

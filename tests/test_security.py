@@ -77,3 +77,31 @@ def test_secrets_and_personal_data_stay_out_of_the_logs(caplog: pytest.LogCaptur
     assert CALLER not in text and "1234567" not in text
     assert "pressed 7" not in text and "pressed a key" in text
     assert "caller spoke for" not in text
+
+
+def test_each_instance_sends_its_streams_back_to_itself() -> None:
+    """Several instances behind one webhook address: Twilio signs the webhook for the shared
+    address and the upgrade for the instance's own, and both checks pass."""
+    shared, own = "https://voice.example.com", "https://a1.voice.example.com"
+    with pytest.raises(SettingsError, match="TELEPHONY_STREAM_URL must be a bare origin"):
+        Settings.from_env({"TELEPHONY_STREAM_URL": own + "/x", "TWILIO_AUTH_TOKEN": TOKEN})
+    with pytest.raises(SettingsError, match="TELEPHONY_STREAM_URL is public"):
+        Settings.from_env({"TELEPHONY_STREAM_URL": own})
+
+    async def call(stream_url: str) -> list[str]:
+        settings = Settings(
+            agent="echo",
+            session_db="",
+            public_url=shared,
+            stream_url=stream_url,
+            twilio_auth_token=TOKEN,
+        )
+        app = create_app(settings)
+        async with app.test_app():
+            async with place_call(app=app, auth_token=TOKEN, public_url=shared) as sim:
+                await asyncio.sleep(2.0)
+                await sim.hang_up()
+                return [sim.stream_url, *sim.log.protocol_errors]
+
+    assert run_virtual(call(own)) == ["wss://a1.voice.example.com/stream"]
+    assert run_virtual(call("")) == ["wss://voice.example.com/stream"]
