@@ -214,14 +214,17 @@ async def _read_stream(calls: CallRegistry, claimed: list[Call], finished: async
 
     try:
         while True:
-            try:
-                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation
-                # that arrives as the message does, and this task would outlive its stream.
-                async with asyncio.timeout(None if claimed else START_TIMEOUT_S):
-                    frame = await websocket.receive()
-            except TimeoutError:
-                log.warning("stream: no start within %.0f s; closing it", START_TIMEOUT_S)
-                return
+            if claimed:
+                frame = await websocket.receive()
+            else:
+                try:
+                    # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation
+                    # that arrives as the message does, and this task would outlive its stream.
+                    async with asyncio.timeout(START_TIMEOUT_S):
+                        frame = await websocket.receive()
+                except TimeoutError:
+                    log.warning("stream: no start within %.0f s; closing it", START_TIMEOUT_S)
+                    return
             if len(frame) > MAX_FRAME_BYTES:
                 if refuse(f"dropped a {len(frame)}-byte frame (limit {MAX_FRAME_BYTES})"):
                     return

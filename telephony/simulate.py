@@ -179,6 +179,7 @@ class CallerSimulator:
         self._chunk = 0
         self._play_end = 0.0
         self._pending_marks: deque[tuple[float, str]] = deque()
+        self._mark_waiting = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self.closed = asyncio.Event()
 
@@ -223,9 +224,13 @@ class CallerSimulator:
         """The first agent audio that arrived after `t`, waiting up to `timeout` for it."""
         deadline = self._clock() + timeout
         while True:
-            arrived = [h for h in self.log.heard if h.received > t]
-            if arrived:
-                return min(arrived, key=lambda h: h.received)
+            first = None
+            for heard in reversed(self.log.heard):  # in the order received: newest last
+                if heard.received <= t:
+                    break
+                first = heard
+            if first is not None:
+                return first
             if self._clock() >= deadline:
                 return None
             await asyncio.sleep(0.02)
@@ -234,8 +239,8 @@ class CallerSimulator:
         """Returns once no agent audio has played for `quiet_s`, counted from `since` at the
         earliest, or once the call is over."""
         while not self.closed.is_set():
-            heard_until = max((h.end for h in self.log.heard), default=0.0)
-            if self._clock() - max(since, heard_until) >= quiet_s:
+            # what was sent plays back to back; a clear cuts it at once
+            if self._clock() - max(since, self._play_end) >= quiet_s:
                 return
             await asyncio.sleep(0.05)
 
@@ -284,6 +289,7 @@ class CallerSimulator:
                 elif isinstance(event, PlayMark):
                     self.log.marks_received += 1
                     self._pending_marks.append((max(now, self._play_end), event.name))
+                    self._mark_waiting.set()
                 elif isinstance(event, Clear):
                     self._clear(now)
                     await self._flush_marks(all_of_them=True)
@@ -308,8 +314,16 @@ class CallerSimulator:
             await self._send(mark.to_json())
 
     async def _echo_marks(self) -> None:
+        """Each mark goes back once the audio before it has played (a clear sends them all)."""
         while True:
-            await asyncio.sleep(0.01)
+            self._mark_waiting.clear()
+            # marks are due in the order they came (a clear sends them all): the first is next;
+            # a new mark wakes us to look again
+            due = self._pending_marks[0][0] - self._clock() if self._pending_marks else None
+            if due is None or due > 0:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(due):
+                        await self._mark_waiting.wait()
             await self._flush_marks()
 
     async def press(self, digit: str) -> None:
