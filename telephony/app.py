@@ -13,7 +13,7 @@ from quart import Quart, Response, request, websocket
 
 from .agents import AgentSpec, load_agent, warm_up
 from .bridge import Call, CallInfo, CallOptions, asset
-from .capacity import LoopLagMonitor
+from .capacity import LoopMonitor
 from .media_stream import Connected, ProtocolError, Start, parse
 from .registry import CallRegistry
 from .security import SignatureChecker, mask_number, websocket_url
@@ -68,7 +68,7 @@ def create_app(settings: Settings, spec: AgentSpec | None = None) -> Quart:
     app.config["MAX_CONTENT_LENGTH"] = 64 * 1024
     app.extensions["telephony.calls"] = calls
     app.extensions["telephony.runner"] = runner
-    lag = LoopLagMonitor()
+    lag = LoopMonitor()
 
     def refusal() -> str | None:
         """Why a new call cannot be taken now, if it cannot."""
@@ -78,6 +78,8 @@ def create_app(settings: Settings, spec: AgentSpec | None = None) -> Quart:
             return f"at capacity ({len(calls)} calls)"
         if settings.max_loop_lag_ms and lag.lag_ms > settings.max_loop_lag_ms:
             return f"overloaded (event loop {lag.lag_ms:.0f} ms late)"
+        if settings.max_loop_busy and lag.busy > settings.max_loop_busy:
+            return f"overloaded (event loop busy {lag.busy:.0%} of the time)"
         return None
 
     def public_base() -> str:
@@ -97,12 +99,16 @@ def create_app(settings: Settings, spec: AgentSpec | None = None) -> Quart:
             "active_calls": len(calls),
             "tasks": len(asyncio.all_tasks()),
             "loop_lag_ms": round(lag.lag_ms, 1),
+            "loop_busy": round(lag.busy, 3),
         }
         return body, 503 if calls.draining else 200
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        text = calls.metrics.render(active_calls=len(calls), loop_lag_ms=lag.lag_ms)
+        lost = sessions.write_errors if isinstance(sessions, PersistentSqliteSessionService) else 0
+        text = calls.metrics.render(
+            active_calls=len(calls), loop_lag_ms=lag.lag_ms, loop_busy=lag.busy, events_lost=lost
+        )
         return Response(text, content_type="text/plain; version=0.0.4")
 
     @app.post("/voice")

@@ -57,7 +57,9 @@ class Metrics:
     gaps: Histogram = field(default_factory=Histogram)
     """How late each agent audio message left after the audio before it had run out."""
 
-    def render(self, *, active_calls: int, loop_lag_ms: float) -> str:
+    def render(
+        self, *, active_calls: int, loop_lag_ms: float, loop_busy: float, events_lost: int
+    ) -> str:
         def one(kind: str, name: str, help_text: str, value: float) -> list[str]:
             return [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {value:g}"]
 
@@ -89,7 +91,19 @@ class Metrics:
                 "Agent audio dropped because its queue was full.",
                 self.agent_audio_dropped_s,
             ),
+            *one(
+                "counter",
+                "telephony_session_events_lost_total",
+                "Session events (transcript lines) the database would not take; each is logged.",
+                events_lost,
+            ),
             *one("gauge", "telephony_loop_lag_ms", "Event loop lateness.", loop_lag_ms),
+            *one(
+                "gauge",
+                "telephony_loop_busy_ratio",
+                "Share of the time the event loop spends computing.",
+                loop_busy,
+            ),
             *self.gaps.render(
                 "telephony_agent_audio_gap_seconds",
                 "Per agent audio message: how long the caller heard silence because it left late.",

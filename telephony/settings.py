@@ -58,6 +58,10 @@ class Settings:
     max_loop_lag_ms: float = 100.0
     """New calls are turned away while the event loop runs this late (0: never): past it the
     process is saturated and every call's audio would suffer."""
+    max_loop_busy: float = 0.9
+    """New calls are turned away while the event loop spends more than this share of its
+    time computing (0: never): the process has no time to spare, and one more call would
+    make every call's answers late."""
     drain_s: float = 30.0
     """On SIGTERM, how long active calls may go on (new ones are turned away) before they
     hear a goodbye and end."""
@@ -103,6 +107,8 @@ class Settings:
             raise SettingsError("TELEPHONY_BARGE_IN_FRAMES must be 1-6")
         if self.max_calls < 0 or self.max_loop_lag_ms < 0:
             raise SettingsError("TELEPHONY_MAX_CALLS and TELEPHONY_MAX_LOOP_LAG_MS must be >= 0")
+        if not 0 <= self.max_loop_busy <= 1:
+            raise SettingsError("TELEPHONY_MAX_LOOP_BUSY must be between 0 and 1")
         if self.model_restarts < 0:
             raise SettingsError("TELEPHONY_MODEL_RESTARTS must be 0 or more")
         if self.model_stall_s <= 0:

@@ -33,8 +33,8 @@ async def test_calls_beyond_max_calls_are_turned_away() -> None:
         assert (await _voice(app, "CA4")).find("Connect") is not None
 
 
-async def test_an_overloaded_event_loop_turns_new_calls_away() -> None:
-    app = create_app(Settings(agent="echo", session_db="", max_loop_lag_ms=30))
+async def test_a_late_event_loop_turns_new_calls_away() -> None:
+    app = create_app(Settings(agent="echo", session_db="", max_loop_lag_ms=30, max_loop_busy=0))
     async with app.test_app():
         assert (await _voice(app, "CA1")).find("Connect") is not None
         for _ in range(20):  # CPU-bound work hogging the loop, as too many calls would
@@ -43,6 +43,30 @@ async def test_an_overloaded_event_loop_turns_new_calls_away() -> None:
         health = await (await app.test_client().get("/healthz")).get_json()
         assert health["loop_lag_ms"] > 30
         assert (await _voice(app, "CA2")).find("Connect") is None
+        for _ in range(80):
+            await asyncio.sleep(0.1)
+        assert (await _voice(app, "CA3")).find("Connect") is not None  # recovered
+
+
+def _compute(seconds: float) -> None:
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
+
+
+async def test_a_saturated_event_loop_turns_new_calls_away() -> None:
+    """Many short callbacks, one after the other: the loop is never late by much, yet it
+    has no time to spare, and more calls would make every call's answers late."""
+    app = create_app(Settings(agent="echo", session_db="", max_loop_lag_ms=0, max_loop_busy=0.8))
+    async with app.test_app():
+        assert (await _voice(app, "CA1")).find("Connect") is not None
+        for _ in range(1000):  # 5 s of 5 ms slices, other work only between them
+            _compute(0.005)
+            await asyncio.sleep(0)
+        health = await (await app.test_client().get("/healthz")).get_json()
+        assert health["loop_busy"] > 0.8 and health["loop_lag_ms"] < 30
+        twiml = await _voice(app, "CA2")
+        assert twiml.find("Connect") is None and twiml.find("Hangup") is not None
         for _ in range(80):
             await asyncio.sleep(0.1)
         assert (await _voice(app, "CA3")).find("Connect") is not None  # recovered
@@ -70,6 +94,7 @@ def test_metrics_after_a_call() -> None:
     values = dict(line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))
     assert values["telephony_calls_total"] == "1"
     assert values["telephony_calls_active"] == "0"
+    assert values["telephony_session_events_lost_total"] == "0"
     assert int(values["telephony_agent_audio_gap_seconds_count"]) > 20
     # on a virtual clock nothing is ever late: every message in the first bucket
     assert (
