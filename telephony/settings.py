@@ -55,9 +55,9 @@ class Settings:
     """The caller waits this long for any answer: the live session is restarted."""
     max_calls: int = 0
     """Calls beyond this many at once are turned away with a busy message (0: no limit)."""
-    max_loop_lag_ms: float = 100.0
+    max_loop_lag_ms: float = 50.0
     """New calls are turned away while the event loop runs this late (0: never): past it the
-    process is saturated and every call's audio would suffer."""
+    process does not get a core often enough, and every call's audio would suffer."""
     max_loop_busy: float = 0.9
     """New calls are turned away while the event loop spends more than this share of its
     time computing (0: never): the process has no time to spare, and one more call would
