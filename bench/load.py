@@ -267,7 +267,7 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=5.0, help="new calls per second")
     parser.add_argument(
         "--session-db",
-        help="the server's session database (default: a fresh SQLite file; "
+        help="the servers' session database (default: a fresh SQLite file per instance; "
         "'' keeps sessions in memory)",
     )
     parser.add_argument(
