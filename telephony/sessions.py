@@ -2,7 +2,7 @@
 
 ADK writes each finished event (a transcript line, a turn's end) to the session service and
 waits for the write before it hands the event on to the call. The stock `SqliteSessionService`
-opens a connection (and with aiosqlite, a thread) for every operation and makes five round
+opens a connection (and with aiosqlite, a thread) for every operation and makes several round
 trips per event through the event loop, all calls queueing on the database one at a time:
 measured with `bench/load.py` on 2 cores, turns waited seconds for it from about 40
 concurrent calls on, where sessions in memory went through.
