@@ -68,7 +68,7 @@ def create_app(settings: Settings, spec: AgentSpec | None = None) -> Quart:
     app.config["MAX_CONTENT_LENGTH"] = 64 * 1024
     app.extensions["telephony.calls"] = calls
     app.extensions["telephony.runner"] = runner
-    lag = LoopMonitor()
+    load = LoopMonitor()
 
     def refusal() -> str | None:
         """Why a new call cannot be taken now, if it cannot."""
@@ -76,14 +76,18 @@ def create_app(settings: Settings, spec: AgentSpec | None = None) -> Quart:
             return "the server is shutting down"
         if settings.max_calls and len(calls) >= settings.max_calls:
             return f"at capacity ({len(calls)} calls)"
-        if settings.max_loop_lag_ms and lag.lag_ms > settings.max_loop_lag_ms:
-            return f"overloaded (event loop {lag.lag_ms:.0f} ms late)"
-        if settings.max_loop_busy and lag.busy > settings.max_loop_busy:
-            return f"overloaded (event loop busy {lag.busy:.0%} of the time)"
+        if settings.max_loop_lag_ms and load.lag_ms > settings.max_loop_lag_ms:
+            return f"overloaded (event loop {load.lag_ms:.0f} ms late)"
+        if settings.max_loop_busy and load.busy > settings.max_loop_busy:
+            return f"overloaded (event loop busy {load.busy:.0%} of the time)"
         return None
 
     def public_base() -> str:
         return settings.public_url.rstrip("/") or f"{request.scheme}://{request.host}"
+
+    def stream_base(fallback: str) -> str:
+        """This instance's origin for media streams (what Twilio connects to and signs)."""
+        return (settings.stream_url or settings.public_url).rstrip("/") or fallback
 
     def checker(base: str) -> SignatureChecker | None:
         if not settings.twilio_auth_token:
@@ -98,8 +102,8 @@ def create_app(settings: Settings, spec: AgentSpec | None = None) -> Quart:
             "status": status,
             "active_calls": len(calls),
             "tasks": len(asyncio.all_tasks()),
-            "loop_lag_ms": round(lag.lag_ms, 1),
-            "loop_busy": round(lag.busy, 3),
+            "loop_lag_ms": round(load.lag_ms, 1),
+            "loop_busy": round(load.busy, 3),
         }
         return body, 503 if calls.draining else 200
 
@@ -107,7 +111,7 @@ def create_app(settings: Settings, spec: AgentSpec | None = None) -> Quart:
     async def metrics() -> Response:
         lost = sessions.write_errors if isinstance(sessions, PersistentSqliteSessionService) else 0
         text = calls.metrics.render(
-            active_calls=len(calls), loop_lag_ms=lag.lag_ms, loop_busy=lag.busy, events_lost=lost
+            active_calls=len(calls), loop_lag_ms=load.lag_ms, loop_busy=load.busy, events_lost=lost
         )
         return Response(text, content_type="text/plain; version=0.0.4")
 
@@ -141,16 +145,14 @@ def create_app(settings: Settings, spec: AgentSpec | None = None) -> Quart:
         )
         calls.prestart(info)
         twiml = connect_stream(
-            websocket_url(settings.stream_url.rstrip("/") or base, STREAM_PATH),
+            websocket_url(stream_base(base), STREAM_PATH),
             {"callSid": call_sid, "caller": info.caller, "callee": info.callee},
         )
         return Response(twiml, content_type="text/xml")
 
     @app.websocket(STREAM_PATH)
     async def stream() -> tuple[str, int] | None:
-        base = (settings.stream_url or settings.public_url).rstrip("/")
-        base = base or f"http://{websocket.host}"
-        signatures = checker(base)
+        signatures = checker(stream_base(f"http://{websocket.host}"))
         if signatures is not None:
             reason = signatures.check_websocket(
                 websocket.path,
@@ -168,11 +170,11 @@ def create_app(settings: Settings, spec: AgentSpec | None = None) -> Quart:
     async def prepare() -> None:
         await sessions.get_session(app_name=spec.app.name, user_id="", session_id="")
         await warm_up(spec.run_config)
-        lag.start()
+        load.start()
 
     @app.after_serving
     async def shutdown() -> None:
-        await lag.stop()
+        await load.stop()
         await calls.close_all("server shutting down")
         if isinstance(sessions, PersistentSqliteSessionService):
             await sessions.close()

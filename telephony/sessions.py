@@ -66,9 +66,17 @@ class _Row:
     data: str
     deltas: dict[str, dict[str, Any]] | None
 
-    @property
-    def stored(self) -> tuple[str, float, str]:
-        return (self.invocation_id, self.timestamp, self.data)
+    def event_values(self) -> tuple[str, str, str, str, str, float, str]:
+        """The values of `_INSERT_EVENT`, in its column order."""
+        return (
+            self.event_id,
+            self.app_name,
+            self.user_id,
+            self.session_id,
+            self.invocation_id,
+            self.timestamp,
+            self.data,
+        )
 
 
 class PersistentSqliteSessionService(SqliteSessionService):
@@ -174,10 +182,7 @@ class PersistentSqliteSessionService(SqliteSessionService):
                 await self._update_session_state_in_db(
                     db, *where, row.session_id, row.deltas["session"], row.timestamp
                 )
-        await db.executemany(
-            _INSERT_EVENT,
-            [(r.event_id, r.app_name, r.user_id, r.session_id) + r.stored for r in batch],
-        )
+        await db.executemany(_INSERT_EVENT, [r.event_values() for r in batch])
         latest: dict[tuple[str, str, str], float] = {}
         for r in batch:
             key = (r.app_name, r.user_id, r.session_id)
