@@ -19,9 +19,9 @@ from google.adk.events import Event  # noqa: E402
 from google.genai import types  # noqa: E402
 
 from telephony.agents import phone_run_config, warm_up  # noqa: E402
-from telephony.bridge import Call, CallInfo, CallOptions  # noqa: E402
-from telephony.media_stream import Media, Start  # noqa: E402
+from telephony.call import Call, CallInfo, CallOptions  # noqa: E402
 from telephony.settings import Settings  # noqa: E402
+from telephony.twilio.media_stream import Media, Start  # noqa: E402
 from tests.audio_tools import line_noise  # noqa: E402
 
 

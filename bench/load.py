@@ -31,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from telephony.simulate import CallerSimulator, WebhookError, place_call  # noqa: E402
+from telephony.testing.simulator import CallerSimulator, WebhookError, place_call  # noqa: E402
 from tests.audio_tools import fixture  # noqa: E402
 from tests.server import free_port  # noqa: E402
 

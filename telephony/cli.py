@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    from .app import create_app
+    from .server.app import create_app
 
     try:
         app = create_app(settings)
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from .simulate_command import main_simulate
+    from .testing.simulate_command import main_simulate
 
     try:
         settings = Settings.from_env(agent=args.agent, session_db="")
@@ -139,7 +139,7 @@ async def _serve(app: Quart, settings: Settings, hypercorn_config: str | None) -
     from hypercorn.asyncio import serve
     from hypercorn.config import Config
 
-    from .app import drain
+    from .server.app import drain
 
     config = Config.from_toml(hypercorn_config) if hypercorn_config else Config()
     config.bind = [f"{settings.host}:{settings.port}"]

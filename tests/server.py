@@ -19,9 +19,9 @@ from hypercorn.asyncio import serve
 from hypercorn.config import Config
 from quart import Quart
 
-from telephony.app import create_app
-from telephony.bridge import CALL_TASKS
-from telephony.registry import CallRegistry
+from telephony.call import CALL_TASKS
+from telephony.server.app import create_app
+from telephony.server.registry import CallRegistry
 from telephony.settings import Settings
 
 

@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 
-import telephony.audio
+import telephony.audio.convert
 from telephony.audio import (
     InboundConverter,
     OutboundConverter,
@@ -28,10 +28,10 @@ PASSBAND = np.arange(300, 3401, 50)
 def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Every figure holds for the C kernel and for the numpy fallback alike."""
     if request.param == "native":
-        if not telephony.audio.NATIVE:
+        if not telephony.audio.convert.NATIVE:
             pytest.skip("the C kernel is not built here")
     else:
-        monkeypatch.setattr(telephony.audio, "NATIVE", False)
+        monkeypatch.setattr(telephony.audio.convert, "NATIVE", False)
     return request.param
 
 

@@ -60,7 +60,7 @@ def test_rounding_and_saturation_match_numpy() -> None:
 
 
 def test_kernel_rejects_bad_construction_and_input() -> None:
-    from telephony import _fir
+    from telephony.audio import _fir
 
     good = dict(decode=bytes(1024), encode=bytes(65536))
     with pytest.raises(ValueError, match="positive"):

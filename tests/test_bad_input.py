@@ -15,9 +15,9 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-import telephony.app
-from telephony.media_stream import Media, Start, Stop
-from telephony.simulate import place_call
+import telephony.server.app
+from telephony.testing.simulator import place_call
+from telephony.twilio.media_stream import Media, Start, Stop
 
 from .audio_tools import best_correlation, fixture, pcm
 from .server import RunningServer, running_server
@@ -98,7 +98,7 @@ async def test_junk_on_the_stream_is_ignored_and_logged_while_a_good_call_goes_o
 async def test_a_socket_that_never_starts_is_closed(
     server: RunningServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(telephony.app, "START_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(telephony.server.app, "START_TIMEOUT_S", 0.5)
     async with connect(_ws(server)) as ws:
         await ws.send(json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"}))
         assert await _closed_by_server(ws, within=3)
@@ -109,10 +109,13 @@ async def test_a_flood_of_junk_closes_the_socket(
     server: RunningServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     async with connect(_ws(server)) as ws:
-        for _ in range(telephony.app.MAX_BAD_MESSAGES):
+        for _ in range(telephony.server.app.MAX_BAD_MESSAGES):
             await ws.send("junk")
         assert await _closed_by_server(ws)
-    assert f"closing the stream after {telephony.app.MAX_BAD_MESSAGES} bad messages" in caplog.text
+    assert (
+        f"closing the stream after {telephony.server.app.MAX_BAD_MESSAGES} bad messages"
+        in caplog.text
+    )
 
 
 async def test_media_after_stop_goes_nowhere(server: RunningServer) -> None:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from telephony.recording import Recording, load_recording
-from telephony.replay import (
+from telephony.call.recording import Recording, load_recording
+from telephony.testing.replay import (
     CallFigures,
     ReplayResult,
     compare,
@@ -20,7 +20,7 @@ from telephony.replay import (
     replay,
     replay_in_process,
 )
-from telephony.simulate import CallLog
+from telephony.testing.simulator import CallLog
 
 from .server import running_server
 

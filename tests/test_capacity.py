@@ -7,9 +7,9 @@ import asyncio
 import time
 import xml.etree.ElementTree as ET
 
-from telephony.app import create_app
+from telephony.server.app import create_app
 from telephony.settings import Settings
-from telephony.simulate import WebhookError, place_call
+from telephony.testing.simulator import WebhookError, place_call
 
 
 async def _voice(app, sid: str) -> ET.Element:  # type: ignore[no-untyped-def]
@@ -73,7 +73,7 @@ async def test_a_saturated_event_loop_turns_new_calls_away() -> None:
 
 
 def test_metrics_after_a_call() -> None:
-    from telephony.virtual_clock import run_virtual
+    from telephony.testing.virtual_clock import run_virtual
 
     from .audio_tools import fixture
 

@@ -15,7 +15,7 @@ from google.adk.sessions.sqlite_session_service import SqliteSessionService
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from telephony.simulate import CallerSimulator, WebhookError, place_call
+from telephony.testing.simulator import CallerSimulator, WebhookError, place_call
 
 from .audio_tools import best_correlation, fixture, line_noise, pcm
 from .server import RunningServer, running_server

@@ -7,9 +7,9 @@ import xml.etree.ElementTree as ET
 import pytest
 from twilio.request_validator import RequestValidator
 
-from telephony.security import SignatureChecker, websocket_url
 from telephony.settings import Settings, SettingsError
-from telephony.twiml import connect_stream
+from telephony.twilio.signatures import SignatureChecker, websocket_url
+from telephony.twilio.twiml import connect_stream
 
 
 def test_connect_stream_twiml_carries_parameters() -> None:

@@ -10,10 +10,10 @@ from pathlib import Path
 
 from telephony.agents import AgentSpec, phone_run_config
 from telephony.agents.echo import EchoFaults, EchoLlm, echo_app
-from telephony.app import create_app
+from telephony.server.app import create_app
 from telephony.settings import Settings
-from telephony.simulate import place_call
-from telephony.virtual_clock import run_virtual
+from telephony.testing.simulator import place_call
+from telephony.testing.virtual_clock import run_virtual
 
 from .audio_tools import fixture
 

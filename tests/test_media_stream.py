@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from telephony.media_stream import (
+from telephony.twilio.media_stream import (
     Clear,
     Connected,
     Dtmf,

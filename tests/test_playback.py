@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from telephony.playback import PlaybackLedger, Player, UnknownMark
+from telephony.call.playback import PlaybackLedger, Player, UnknownMark
 
 
 def test_ledger_tracks_unplayed_audio_by_clock_and_marks() -> None:

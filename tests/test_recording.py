@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from telephony.app import create_app
-from telephony.recording import RecordingError, load_recording
-from telephony.replay import figures_from_recording, replay_in_process
+from telephony.call.recording import RecordingError, load_recording
+from telephony.server.app import create_app
 from telephony.settings import Settings
-from telephony.simulate import place_call
-from telephony.virtual_clock import run_virtual
+from telephony.testing.replay import figures_from_recording, replay_in_process
+from telephony.testing.simulator import place_call
+from telephony.testing.virtual_clock import run_virtual
 
 from .audio_tools import best_correlation, fixture, pcm
 

@@ -16,13 +16,13 @@ import pytest
 
 from telephony.agents import AgentSpec, phone_run_config
 from telephony.agents.echo import EchoConnection, EchoFaults, EchoLlm, echo_app
-from telephony.app import create_app
-from telephony.bridge import asset
-from telephony.recording import Recording, load_recording
-from telephony.replay import CallFigures, figures_from_recording
+from telephony.call import asset
+from telephony.call.recording import Recording, load_recording
+from telephony.server.app import create_app
 from telephony.settings import Settings
-from telephony.simulate import CallerSimulator, CallLog, place_call
-from telephony.virtual_clock import run_virtual
+from telephony.testing.replay import CallFigures, figures_from_recording
+from telephony.testing.simulator import CallerSimulator, CallLog, place_call
+from telephony.testing.virtual_clock import run_virtual
 
 from .audio_tools import best_correlation, fixture, pcm
 

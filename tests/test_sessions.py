@@ -12,7 +12,7 @@ from google.adk.events import Event, EventActions
 from google.adk.sessions.sqlite_session_service import SqliteSessionService
 from google.genai import types
 
-from telephony.sessions import PersistentSqliteSessionService
+from telephony.server.sessions import PersistentSqliteSessionService
 
 
 def said(n: int, **state: object) -> Event:
@@ -92,7 +92,7 @@ async def test_a_row_that_cannot_be_written_costs_no_other_row(
     await service.append_event(kept, said(0))
     await service.append_event(gone, said(1))
     await service.append_event(kept, said(2))
-    with caplog.at_level(logging.ERROR, "telephony.sessions"):
+    with caplog.at_level(logging.ERROR, "telephony.server.sessions"):
         await service.flush()
     assert stored(db, "CA1") == ["turn 0", "turn 2"]
     assert service.write_errors == 1

@@ -14,8 +14,8 @@ import urllib.request
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from telephony.bridge import asset
-from telephony.simulate import place_call
+from telephony.call import asset
+from telephony.testing.simulator import place_call
 
 from .audio_tools import best_correlation, fixture, pcm
 from .server import echo_process

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from telephony.wavfile import read_wav, to_phone_audio, write_wav
+from telephony.audio.wavfile import read_wav, to_phone_audio, write_wav
 
 from .audio_tools import best_correlation, fixture, pcm
 from .server import echo_process

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from telephony.audio import InboundConverter, mulaw_encode
-from telephony.vad import SpeechEnd, SpeechStart, VoiceActivityDetector
+from telephony.audio.vad import SpeechEnd, SpeechStart, VoiceActivityDetector
 
 from .audio_tools import fixture, line_noise, pcm
 

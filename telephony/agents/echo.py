@@ -27,7 +27,7 @@ from websockets.exceptions import ConnectionClosedError
 from websockets.frames import Close
 
 from ..audio import PcmResampler
-from ..vad import SpeechEnd, SpeechStart, VoiceActivityDetector
+from ..audio.vad import SpeechEnd, SpeechStart, VoiceActivityDetector
 
 __all__ = ["EchoConnection", "EchoFaults", "EchoLlm", "chime", "echo_app"]
 

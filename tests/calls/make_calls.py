@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from telephony.audio import mulaw_decode, mulaw_encode
-from telephony.simulate import CallerSimulator, place_call
+from telephony.testing.simulator import CallerSimulator, place_call
 from tests.audio_tools import line_noise
 from tests.server import running_server
 

@@ -11,15 +11,15 @@ from google.adk.runners import Runner
 from google.adk.sessions import BaseSessionService, InMemorySessionService
 from quart import Quart, Response, request, websocket
 
-from .agents import AgentSpec, load_agent, warm_up
-from .bridge import Call, CallInfo, CallOptions, asset
+from ..agents import AgentSpec, load_agent, warm_up
+from ..call import Call, CallInfo, CallOptions, asset
+from ..settings import Settings
+from ..twilio.media_stream import Connected, ProtocolError, Start, parse
+from ..twilio.signatures import SignatureChecker, mask_number, websocket_url
+from ..twilio.twiml import busy, connect_stream
 from .capacity import LoopMonitor
-from .media_stream import Connected, ProtocolError, Start, parse
 from .registry import CallRegistry
-from .security import SignatureChecker, mask_number, websocket_url
 from .sessions import PersistentSqliteSessionService
-from .settings import Settings
-from .twiml import busy, connect_stream
 
 __all__ = ["STREAM_PATH", "create_app", "drain"]
 

@@ -16,10 +16,10 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from ..audio.wavfile import read_wav, to_phone_audio, write_wav
+from ..settings import Settings
 from .replay import CallFigures, figures_from_log
-from .settings import Settings
-from .simulate import CallerSimulator, WebhookError, place_call
-from .wavfile import read_wav, to_phone_audio, write_wav
+from .simulator import CallerSimulator, WebhookError, place_call
 
 __all__ = ["SimulatedCall", "format_summary", "simulate_call"]
 
@@ -119,7 +119,7 @@ def format_summary(call: SimulatedCall) -> str:
 
 def main_simulate(args: argparse.Namespace, settings: Settings) -> int:
     """The CLI's `simulate` command (argparse namespace in, exit status out)."""
-    from .wavfile import WavError
+    from ..audio.wavfile import WavError
 
     wav = Path(args.wav)
     out = Path(args.out) if args.out else wav.with_name(wav.stem + "-heard.wav")
@@ -132,7 +132,7 @@ def main_simulate(args: argparse.Namespace, settings: Settings) -> int:
             return await simulate_call(
                 wav, url=args.url, auth_token=settings.twilio_auth_token, **kwargs
             )
-        from .app import create_app
+        from ..server.app import create_app
 
         app = create_app(settings)
         async with app.test_app():

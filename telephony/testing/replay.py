@@ -21,12 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .agents import AgentSpec
-from .audio import InboundConverter
-from .bridge import CALL_TASKS
-from .recording import Recording, load_recording
-from .simulate import CallerSimulator, CallLog, place_call
-from .vad import SpeechEnd, SpeechStart, VoiceActivityDetector
+from ..agents import AgentSpec
+from ..audio import InboundConverter
+from ..audio.vad import SpeechEnd, SpeechStart, VoiceActivityDetector
+from ..call import CALL_TASKS
+from ..call.recording import Recording, load_recording
+from .simulator import CallerSimulator, CallLog, place_call
 from .virtual_clock import run_virtual
 
 __all__ = [
@@ -305,8 +305,8 @@ def replay_in_process(
     fast as the CPU allows. `agent` is `echo`, an agent folder, or an `AgentSpec` (your own
     app, e.g. with a scripted model); `settings` override `Settings` fields. Agents that do
     their work in threads (or real network models) need `replay(url=...)` in real time."""
-    from .app import create_app
-    from .settings import Settings
+    from ..server.app import create_app
+    from ..settings import Settings
 
     async def main(record_dir: Path) -> ReplayResult:
         name = agent if isinstance(agent, str) else "custom"

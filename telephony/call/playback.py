@@ -9,16 +9,17 @@ agent audio only a short lead ahead of the caller's ear, so a barge-in has littl
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 
-from .media_stream import clear_message, mark_message, media_message
-from .metrics import Histogram
+from ..twilio.media_stream import clear_message, mark_message, media_message
 
-__all__ = ["PlaybackLedger", "Player"]
+__all__ = ["Histogram", "PlaybackLedger", "Player"]
 
 BYTES_PER_SECOND = 8000
 MAX_MESSAGE_BYTES = 1600
@@ -28,6 +29,42 @@ MAX_QUEUED_BYTES = 120 * BYTES_PER_SECOND
 a model that far ahead of the caller is misbehaving, and memory must stay bounded."""
 
 log = logging.getLogger(__name__)
+
+GAP_BUCKETS_S = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+
+
+@dataclass
+class Histogram:
+    """Counts in Prometheus buckets: each call keeps its own, merged by the server at its end."""
+
+    buckets: tuple[float, ...] = GAP_BUCKETS_S
+    counts: list[int] = field(default_factory=lambda: [0] * (len(GAP_BUCKETS_S) + 1))
+    total: float = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.buckets, value)] += 1
+        self.total += value
+
+    def merge(self, other: Histogram) -> None:
+        self.counts = [a + b for a, b in zip(self.counts, other.counts, strict=True)]
+        self.total += other.total
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+    def render(self, name: str, help_text: str) -> list[str]:
+        lines = [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"]
+        seen = 0
+        for bound, n in zip(self.buckets, self.counts, strict=False):
+            seen += n
+            lines.append(f'{name}_bucket{{le="{bound:g}"}} {seen}')
+        lines += [
+            f'{name}_bucket{{le="+Inf"}} {self.count}',
+            f"{name}_sum {self.total:.6f}",
+            f"{name}_count {self.count}",
+        ]
+        return lines
 
 
 class UnknownMark(ValueError):

@@ -26,12 +26,12 @@ from google.adk.events import Event
 from google.adk.runners import Runner
 from google.genai import types
 
-from .audio import InboundConverter, OutboundConverter
-from .media_stream import Dtmf, InboundEvent, Mark, Media, Start, Stop
+from ..audio import InboundConverter, OutboundConverter
+from ..audio.vad import SpeechStart, VoiceActivityDetector
+from ..twilio.media_stream import Dtmf, InboundEvent, Mark, Media, Start, Stop
+from ..twilio.signatures import mask_number
 from .playback import Player, UnknownMark
 from .recording import CallRecorder
-from .security import mask_number
-from .vad import SpeechStart, VoiceActivityDetector
 
 __all__ = ["CALL_TASKS", "Call", "CallInfo", "CallOptions", "ModelStalled"]
 
@@ -49,7 +49,7 @@ LAST_WORDS_MARGIN_S = 2.0
 
 def asset(name: str) -> bytes:
     """A recorded message shipped with the package (8 kHz mu-law), playable without a model."""
-    return (resources.files("telephony") / "assets" / f"{name}.ulaw").read_bytes()
+    return (resources.files("telephony.call") / "assets" / f"{name}.ulaw").read_bytes()
 
 
 CALL_TASKS = ("pump", "player", "watch", "live")

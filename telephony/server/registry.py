@@ -12,7 +12,7 @@ import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from .bridge import Call, CallInfo
+from ..call import Call, CallInfo
 from .metrics import Metrics
 
 __all__ = ["CallRegistry"]

@@ -21,8 +21,8 @@ from typing import Any, Protocol
 import numpy as np
 from websockets.asyncio.client import ClientConnection, connect
 
-from .audio import mulaw_decode
-from .media_stream import (
+from ..audio import mulaw_decode
+from ..twilio.media_stream import (
     Clear,
     Connected,
     Dtmf,
@@ -34,7 +34,7 @@ from .media_stream import (
     Stop,
     parse_outbound,
 )
-from .security import SignatureChecker
+from ..twilio.signatures import SignatureChecker
 
 __all__ = ["CallLog", "CallerSimulator", "Heard", "StreamSocket", "WebhookError", "place_call"]
 

@@ -33,8 +33,8 @@ from typing import IO, Any
 import numpy as np
 from google.adk.events import Event
 
-from .audio import mulaw_decode
-from .media_stream import Clear, InboundEvent, Media, PlayMedia, Start, parse_outbound
+from ..audio import mulaw_decode
+from ..twilio.media_stream import Clear, InboundEvent, Media, PlayMedia, Start, parse_outbound
 
 __all__ = [
     "FORMAT",

@@ -6,8 +6,8 @@ import logging
 
 from dotenv import load_dotenv
 
+from ..settings import Settings
 from .app import create_app
-from .settings import Settings
 
 load_dotenv()
 settings = Settings.from_env()

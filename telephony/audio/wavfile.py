@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .audio import Resampler, kaiser_lowpass, mulaw_decode, mulaw_encode, to_int16
+from .convert import Resampler, kaiser_lowpass, mulaw_decode, mulaw_encode, to_int16
 
 __all__ = ["WavError", "read_wav", "to_phone_audio", "write_wav"]
 

@@ -6,44 +6,11 @@ per-call parts live in the call while it runs), so nothing here is on the audio 
 
 from __future__ import annotations
 
-import bisect
 from dataclasses import dataclass, field
 
-__all__ = ["GAP_BUCKETS_S", "Histogram", "Metrics"]
+from ..call.playback import Histogram
 
-GAP_BUCKETS_S = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
-
-
-@dataclass
-class Histogram:
-    buckets: tuple[float, ...] = GAP_BUCKETS_S
-    counts: list[int] = field(default_factory=lambda: [0] * (len(GAP_BUCKETS_S) + 1))
-    total: float = 0.0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.buckets, value)] += 1
-        self.total += value
-
-    def merge(self, other: Histogram) -> None:
-        self.counts = [a + b for a, b in zip(self.counts, other.counts, strict=True)]
-        self.total += other.total
-
-    @property
-    def count(self) -> int:
-        return sum(self.counts)
-
-    def render(self, name: str, help_text: str) -> list[str]:
-        lines = [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"]
-        seen = 0
-        for bound, n in zip(self.buckets, self.counts, strict=False):
-            seen += n
-            lines.append(f'{name}_bucket{{le="{bound:g}"}} {seen}')
-        lines += [
-            f'{name}_bucket{{le="+Inf"}} {self.count}',
-            f"{name}_sum {self.total:.6f}",
-            f"{name}_count {self.count}",
-        ]
-        return lines
+__all__ = ["Metrics"]
 
 
 @dataclass

@@ -12,7 +12,7 @@ import functools
 import numpy as np
 
 try:
-    from telephony import _fir
+    from . import _fir
 except ImportError:  # built without a C compiler: numpy does the same filtering, slower
     _fir = None
 
@@ -23,6 +23,7 @@ __all__ = [
     "NATIVE",
     "InboundConverter",
     "OutboundConverter",
+    "PcmResampler",
     "Resampler",
     "mulaw_decode",
     "mulaw_encode",

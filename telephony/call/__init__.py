@@ -1,0 +1,8 @@
+"""One phone call: the only place where Twilio, audio and ADK meet.
+
+`Call` owns the call's tasks; its playback (what Twilio still holds unplayed) lives in
+`playback`, its recording in `recording`."""
+
+from .call import CALL_TASKS, Call, CallInfo, CallOptions, ModelStalled, asset
+
+__all__ = ["CALL_TASKS", "Call", "CallInfo", "CallOptions", "ModelStalled", "asset"]
