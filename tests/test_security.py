@@ -8,11 +8,11 @@ import logging
 
 import pytest
 
+from telephony.call.logs import mask_number
 from telephony.server.app import create_app
 from telephony.settings import Settings, SettingsError
 from telephony.testing.simulator import place_call
 from telephony.testing.virtual_clock import run_virtual
-from telephony.twilio.signatures import mask_number
 
 from .audio_tools import fixture
 

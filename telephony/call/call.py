@@ -1,13 +1,14 @@
 """One phone call bridged to one ADK live session: the only place Twilio, audio and ADK meet.
 
-A `Call` owns three tasks (the model event pump, which runs the live session in a task of its
-own and restarts it if need be; the paced player; the caller watch, which notices stopped
-caller audio and a stalled model) and ends them all in `close()`. Caller audio flows
-synchronously from `handle()` into the LiveRequestQueue. Agent audio goes from the pump into
-the player's queue; what Twilio has room for leaves at once from the pump, the rest is paced
-out by the player task. So the pump awaits the socket only for the lead's worth of audio
-(writes that block only once the transport buffer is full), never for pacing: ADK hands
-events over through a queue of one, and a slow consumer stalls the model.
+A `Call` carries out decisions made elsewhere: who holds the floor in its `TurnState` (pure),
+the live session's restarts in its `LiveSupervisor`. It owns three tasks (the model event pump,
+which runs the supervisor; the paced player; the caller watch, which notices stopped caller
+audio and a stalled model) and ends them all in `close()`. Caller audio flows synchronously
+from `handle()` into the live queue. Agent audio goes from the pump into the player's queue;
+what Twilio has room for leaves at once from the pump, the rest is paced out by the player
+task. So the pump awaits the socket only for the lead's worth of audio (writes that block only
+once the transport buffer is full), never for pacing: ADK hands events over through a queue
+of one, and a slow consumer stalls the model.
 """
 
 from __future__ import annotations
@@ -20,25 +21,36 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from google.adk.agents.live_request_queue import LiveRequestQueue
 from google.adk.agents.run_config import RunConfig
 from google.adk.events import Event
 from google.adk.runners import Runner
-from google.genai import types
 
 from ..audio import InboundConverter, OutboundConverter
 from ..audio.vad import SpeechStart, VoiceActivityDetector
 from ..twilio.media_stream import Dtmf, InboundEvent, Mark, Media, Start, Stop
-from ..twilio.signatures import mask_number
+from .logs import CallLogger
 from .playback import Player, UnknownMark
 from .recording import CallRecorder
+from .supervisor import CallerAudioQueue, LiveSupervisor, ModelStalled
+from .turns import (
+    AGENT_AUDIO,
+    CLOSING,
+    MODEL_INTERRUPTED,
+    MODEL_TURN_COMPLETE,
+    SESSION_RESTARTED,
+    Action,
+    CallerSpeechEnded,
+    CallerSpeechStarted,
+    Interrupt,
+    ModelEvent,
+    RestartModel,
+    Tick,
+    TurnState,
+)
 
-__all__ = ["CALL_TASKS", "Call", "CallInfo", "CallOptions", "ModelStalled"]
-
-log = logging.getLogger(__name__)
+__all__ = ["CALL_TASKS", "Call", "CallInfo", "CallOptions", "ModelStalled", "asset"]
 
 AGENT_AUDIO_MIME = "audio/pcm;rate=24000"
-CALLER_AUDIO_MIME = "audio/pcm;rate=16000"
 CLOSE_GRACE_S = 3.0
 """How long the live session gets to wind down after the queue is closed before it is cancelled."""
 ATTACH_WAIT_S = 5.0
@@ -54,24 +66,6 @@ def asset(name: str) -> bytes:
 
 CALL_TASKS = ("pump", "player", "watch", "live")
 """Every task a call runs is named PREFIX-CALLSID with one of these prefixes."""
-CALLER_BACKLOG_LIMIT = 250
-"""Requests (20 ms frames) waiting for the model beyond which caller audio is dropped."""
-
-
-class CallerAudioQueue(LiveRequestQueue):
-    """ADK's queue never pushes back. When the model stops reading (a stall, a reconnect),
-    caller audio beyond 5 s of backlog is dropped, newest first, rather than piling up:
-    what the caller says once the model is back still gets through at once."""
-
-    def offer(self, blob: types.Blob) -> bool:
-        if self._queue.qsize() >= CALLER_BACKLOG_LIMIT:
-            return False
-        self.send_realtime(blob)
-        return True
-
-
-class ModelStalled(RuntimeError):
-    """The live session went silent while the caller waited for an answer."""
 
 
 @dataclass(frozen=True)
@@ -115,11 +109,20 @@ class Call:
         """`clock` defaults to the event loop's, so a loop with virtual time drives it too."""
         clock = clock or asyncio.get_running_loop().time
         self.info = info
-        self._runner = runner
-        self._run_config = run_config
         self._options = options
         self._clock = clock
-        self.live_queue = CallerAudioQueue()
+        self._log = CallLogger(info.call_sid, mask=options.mask_callers)
+        self.turns = TurnState(stall_s=options.model_stall_s)
+        self.live = LiveSupervisor(
+            runner,
+            run_config,
+            user_id=info.caller or "unknown",
+            session_id=info.call_sid,
+            restarts=options.model_restarts,
+            on_event=self._on_model_event,
+            on_restart=lambda: self.turns.handle(SESSION_RESTARTED),
+            log=self._log,
+        )
         self._inbound = InboundConverter()
         self._outbound = OutboundConverter()
         self._vad = VoiceActivityDetector(
@@ -131,22 +134,11 @@ class Call:
         self.done = asyncio.Event()
         """Set once the call is over, whoever ended it; the socket handler then hangs up."""
         self.end_reason = ""
-        self._generating = False
-        self._discarding = False
-        self._ending = False
-        """Saying last words: no agent audio and no barge-in any more."""
         self._last_media = clock()
         self._caller_audio_ended = False
         self._tasks: list[asyncio.Task[None]] = []
-        self._run: asyncio.Task[None] | None = None
-        self._model_events = 0
-        self._awaiting_reply_since: float | None = None
         self._closing: asyncio.Task[None] | None = None
         self.barge_ins = 0
-        self.model_restarts = 0
-        self.caller_audio_dropped = 0
-        """Caller frames dropped because the model was not reading them."""
-        self._dropping = False
         self.recorder: CallRecorder | None = None
         if options.record_dir:
             try:
@@ -161,21 +153,28 @@ class Call:
             except OSError as exc:  # the recording is lost, never the call
                 self._log("not recorded: %s", exc, level=logging.ERROR)
 
-    def _number(self, number: str) -> str:
-        return mask_number(number) if self._options.mask_callers else number
+    @property
+    def live_queue(self) -> CallerAudioQueue:
+        """Where the live session reads from now (a restart replaces it)."""
+        return self.live.queue
 
-    def _words(self, text: str) -> str:
-        return f"({len(text)} characters)" if self._options.mask_callers else text
+    @property
+    def model_restarts(self) -> int:
+        return self.live.restarts
 
-    def _log(self, message: str, *args: object, level: int = logging.INFO) -> None:
-        log.log(level, "call %s: " + message, self.info.call_sid, *args)
+    @property
+    def caller_audio_dropped(self) -> int:
+        """Caller frames dropped because the model was not reading them."""
+        return self.live.caller_audio_dropped
 
     def start(self) -> None:
         """Opens the live session now, before the media stream exists, so the greeting is ready
         by the time the caller can hear it."""
         if self._tasks:
             return
-        self._log("live session starting (caller %s)", self._number(self.info.caller or "unknown"))
+        self._log(
+            "live session starting (caller %s)", self._log.number(self.info.caller or "unknown")
+        )
         self._tasks = [
             asyncio.create_task(self._pump(), name=f"pump-{self.info.call_sid}"),
             asyncio.create_task(self.player.run(), name=f"player-{self.info.call_sid}"),
@@ -184,9 +183,7 @@ class Call:
         for task in self._tasks:
             task.add_done_callback(self._task_ended)
         if self._options.greeting:
-            self.live_queue.send_content(
-                types.Content(role="user", parts=[types.Part(text=self._options.greeting)])
-            )
+            self.live.send_text(self._options.greeting)
 
     def attach(self, start: Start, send: Callable[[str], Awaitable[None]]) -> None:
         self.stream_sid = start.stream_sid
@@ -208,54 +205,40 @@ class Call:
         if self.recorder is not None:
             self.recorder.twilio_in(event)
         if isinstance(event, Media):
-            if self._on_media(event.payload):
-                await self._barge_in("caller speech")
+            await self._on_media(event.payload)
         elif isinstance(event, Mark):
             try:
                 self.player.on_mark(event.name)
             except UnknownMark as exc:
                 self._log("ignored mark: %s", exc, level=logging.WARNING)
         elif isinstance(event, Dtmf):
-            self._log("caller pressed %s", "a key" if self._options.mask_callers else event.digit)
-            self.live_queue.send_content(
-                types.Content(
-                    role="user",
-                    parts=[types.Part(text=f"(The caller pressed {event.digit} on the keypad.)")],
-                )
-            )
+            self._log("caller pressed %s", self._log.digit(event.digit))
+            self.live.send_text(f"(The caller pressed {event.digit} on the keypad.)")
         elif isinstance(event, Stop):
             await self.close("caller hung up (stop)")
 
-    def _on_media(self, mulaw: bytes) -> bool:
-        """Caller audio to the model; True when the caller just started talking over the agent."""
+    async def _on_media(self, mulaw: bytes) -> None:
+        """Caller audio to the model, and to our VAD for barge-in."""
         pcm = self._inbound.convert(mulaw)
-        accepted = self.live_queue.offer(types.Blob(data=pcm, mime_type=CALLER_AUDIO_MIME))
-        if accepted == self._dropping:  # dropping starts or stops
-            self._dropping = not accepted
-            if accepted:
-                self._log("the model reads caller audio again")
-            else:
-                self._log("the model is not reading: dropping caller audio", level=logging.WARNING)
-        if not accepted:
-            self.caller_audio_dropped += 1
-        self._last_media = self._clock()
+        self.live.send_caller_audio(pcm)
+        now = self._last_media = self._clock()
         self._caller_audio_ended = False
-        onset = False
-        for event in self._vad.feed(pcm):
-            if isinstance(event, SpeechStart):
-                onset = True
-            elif self._awaiting_reply_since is None:
-                self._awaiting_reply_since = self._clock()
-        return onset and self.player.busy() and not self._ending
+        for speech in self._vad.feed(pcm):
+            if isinstance(speech, SpeechStart):
+                turn = CallerSpeechStarted(now, agent_audible=self.player.busy())
+            else:
+                turn = CallerSpeechEnded(now)
+            await self._act(self.turns.handle(turn))
 
-    async def _barge_in(self, source: str) -> None:
-        """Cut the agent off: nothing of the interrupted turn reaches the caller any more."""
-        if self._generating:
-            self._discarding = True
-        self._outbound = OutboundConverter()
-        if await self.player.clear():
-            self.barge_ins += 1
-            self._log("barge-in (%s): cleared playback", source)
+    async def _act(self, actions: tuple[Action, ...]) -> None:
+        for action in actions:
+            if isinstance(action, Interrupt):
+                self._outbound = OutboundConverter()
+                if await self.player.clear():
+                    self.barge_ins += 1
+                    self._log("barge-in (%s): cleared playback", action.source)
+            elif isinstance(action, RestartModel):
+                self.live.restart(f"no model events for {action.waited_s:.0f} s")
 
     async def _watch_caller(self) -> None:
         """Twilio normally streams 20 ms every 20 ms; when the caller's frames stop, tell the
@@ -264,11 +247,7 @@ class Call:
         period = self._options.caller_silence_ms / 4000
         while True:
             await asyncio.sleep(period)
-            waiting = self._awaiting_reply_since
-            if waiting is not None and self._clock() - waiting >= self._options.model_stall_s:
-                self._awaiting_reply_since = None
-                if self._run is not None:
-                    self._run.cancel()
+            await self._act(self.turns.handle(Tick(self._clock())))
             if (
                 self.stream_sid
                 and not self._caller_audio_ended
@@ -276,71 +255,22 @@ class Call:
             ):
                 self._caller_audio_ended = True
                 self._vad.end_of_stream()
-                self.live_queue.send_audio_stream_end()
+                self.live.queue.send_audio_stream_end()
                 self._log("caller audio stopped; sent audio_stream_end")
 
     async def _pump(self) -> None:
-        """Runs the live session, and runs it again when it fails (see `model_restarts`)."""
-        failures = 0
-        while True:
-            self._model_events = 0
-            run = asyncio.create_task(self._run_live(), name=f"live-{self.info.call_sid}")
-            self._run = run
-            try:
-                await asyncio.wait({run})
-            except asyncio.CancelledError:
-                run.cancel()
-                raise
-            if self.done.is_set():
-                return
-            error = (
-                ModelStalled(f"no model events for {self._options.model_stall_s:.0f} s")
-                if run.cancelled()
-                else run.exception()
-            )
-            if error is None:
-                self.end("live session ended")
-                return
-            failures = 1 if self._model_events else failures + 1
-            if failures > self._options.model_restarts:
-                self._log("live session failed for good: %r", error, level=logging.ERROR)
-                await self.end_with(asset("apology"), "live session failed")
-                return
-            self._log(
-                "live session failed (%r); restarting it on the same session (%d of %d)",
-                error,
-                failures,
-                self._options.model_restarts,
-                level=logging.WARNING,
-            )
-            self.model_restarts += 1
-            self._restart_queue()
-            await asyncio.sleep(0.2 * failures)
-
-    async def _run_live(self) -> None:
-        async for event in self._runner.run_live(
-            user_id=self.info.caller or "unknown",
-            session_id=self.info.call_sid,
-            live_request_queue=self.live_queue,
-            run_config=self._run_config,
-        ):
-            self._model_events += 1
-            self._awaiting_reply_since = None
-            await self._on_model_event(event)
-            await self.player.flush()
-
-    def _restart_queue(self) -> None:
-        """A fresh queue for the new run_live: the old one is closed, and caller audio from
-        the outage is not worth sending to a model that has moved on."""
-        old, self.live_queue = self.live_queue, CallerAudioQueue()
-        old.close()
-        self._generating = self._discarding = False
-        self._awaiting_reply_since = None
+        error = await self.live.run()
+        if self.done.is_set():
+            return
+        if error is None:
+            self.end("live session ended")
+        else:
+            await self.end_with(asset("apology"), "live session failed")
 
     async def end_with(self, mulaw: bytes, reason: str) -> None:
         """Plays a last message to the caller (instead of anything the agent had queued), then
         ends the call once it has been heard."""
-        self._ending = True
+        self.turns.handle(CLOSING)
         await self.player.clear()
         with contextlib.suppress(TimeoutError):  # failed before the stream opened: wait for it
             async with asyncio.timeout(ATTACH_WAIT_S):
@@ -356,34 +286,29 @@ class Call:
     async def _on_model_event(self, event: Event) -> None:
         if self.recorder is not None:
             self.recorder.model_event(event)
+        self.turns.handle(ModelEvent(self._clock()))
         if event.content and event.content.parts:
             for part in event.content.parts:
                 blob = part.inline_data
                 if blob and blob.data and (blob.mime_type or "").startswith("audio/pcm"):
                     self._on_agent_audio(blob.data, blob.mime_type or "")
         if event.input_transcription and event.input_transcription.finished:
-            self._log("caller said: %s", self._words(event.input_transcription.text or ""))
+            self._log("caller said: %s", self._log.words(event.input_transcription.text or ""))
         if event.output_transcription and event.output_transcription.finished:
-            self._log("agent said: %s", self._words(event.output_transcription.text or ""))
+            self._log("agent said: %s", self._log.words(event.output_transcription.text or ""))
         if event.interrupted:
             self._log("model reports the caller interrupted it")
-            await self._barge_in("model interrupted")
-            self._end_turn()
+            await self._act(self.turns.handle(MODEL_INTERRUPTED))
         elif event.turn_complete:
-            self._end_turn()
+            self.turns.handle(MODEL_TURN_COMPLETE)
+        await self.player.flush()
 
     def _on_agent_audio(self, pcm: bytes, mime_type: str) -> None:
-        if self._discarding or self._ending:
-            return
         if mime_type.replace(" ", "") != AGENT_AUDIO_MIME:
             self._log("dropped agent audio in unexpected format %s", mime_type, level=logging.ERROR)
             return
-        self._generating = True
-        self.player.enqueue(self._outbound.convert(pcm))
-
-    def _end_turn(self) -> None:
-        self._generating = False
-        self._discarding = False
+        if self.turns.handle(AGENT_AUDIO):
+            self.player.enqueue(self._outbound.convert(pcm))
 
     def _task_ended(self, task: asyncio.Task[None]) -> None:
         if task.cancelled() or task.exception() is None:
@@ -405,7 +330,7 @@ class Call:
         await asyncio.shield(self._closing)
 
     async def _shutdown(self) -> None:
-        self.live_queue.close()
+        self.live.close()
         try:
             await self._end_tasks()
         finally:

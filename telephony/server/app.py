@@ -13,9 +13,10 @@ from quart import Quart, Response, request, websocket
 
 from ..agents import AgentSpec, load_agent, warm_up
 from ..call import Call, CallInfo, CallOptions, asset
+from ..call.logs import mask_number
 from ..settings import Settings
 from ..twilio.media_stream import Connected, ProtocolError, Start, parse
-from ..twilio.signatures import SignatureChecker, mask_number, websocket_url
+from ..twilio.signatures import SignatureChecker, websocket_url
 from ..twilio.twiml import busy, connect_stream
 from .capacity import LoopMonitor
 from .registry import CallRegistry

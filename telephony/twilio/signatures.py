@@ -7,23 +7,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from twilio.request_validator import RequestValidator
 
-__all__ = ["SignatureChecker", "mask_number", "websocket_url"]
-
-
-def mask_number(number: str) -> str:
-    """+15551234567 -> +*******4567: enough to tell calls apart in logs, not to call back."""
-    digits = sum(c.isdigit() for c in number)
-    if digits <= 4:
-        return "*" * len(number)
-    seen = 0
-    out = []
-    for c in number:
-        if c.isdigit():
-            seen += 1
-            out.append(c if seen > digits - 4 else "*")
-        else:
-            out.append(c)
-    return "".join(out)
+__all__ = ["SignatureChecker", "websocket_url"]
 
 
 def websocket_url(public_url: str, path: str, query: str = "") -> str:
