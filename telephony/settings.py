@@ -7,9 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from urllib.parse import urlsplit
 
-__all__ = ["DEFAULT_MODEL", "Settings", "SettingsError"]
+__all__ = ["Settings", "SettingsError"]
 
-DEFAULT_MODEL = "gemini-2.5-flash-native-audio-preview-12-2025"
 DEFAULT_GREETING = "(The phone call has just connected. Greet the caller briefly.)"
 
 
@@ -33,7 +32,8 @@ class Settings:
     twilio_auth_token: str = ""
     agent: str = ""
     """`echo`, an agent folder (adk web layout), or empty for the built-in Gemini agent."""
-    model: str = DEFAULT_MODEL
+    model: str = ""
+    """Live model of the built-in agent; empty: the default of the configured backend."""
     voice: str = ""
     language: str = ""
     greeting: str = DEFAULT_GREETING

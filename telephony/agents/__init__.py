@@ -62,8 +62,9 @@ def load_agent(name: str, settings: Settings) -> AgentSpec:
         return AgentSpec(echo_app(), run_config, greeting=None)
     if not name:
         from .gemini import gemini_app
+        from .models import default_model
 
-        return AgentSpec(gemini_app(settings.model), run_config, greeting)
+        return AgentSpec(gemini_app(settings.model or default_model()), run_config, greeting)
     return AgentSpec(_load_folder(Path(name)), run_config, greeting)
 
 
