@@ -80,6 +80,59 @@ def _parser() -> argparse.ArgumentParser:
     simulate.add_argument(
         "--max-seconds", type=float, default=300.0, help="hang up after this long at most"
     )
+    line = simulate.add_argument_group(
+        "a realistic line and caller", "all off by default: a perfect line and a quiet caller"
+    )
+    line.add_argument(
+        "--delay-ms",
+        type=float,
+        default=0.0,
+        metavar="MS",
+        help="one-way network delay between Twilio and the server, each way (e.g. 150)",
+    )
+    line.add_argument(
+        "--jitter-ms",
+        type=float,
+        default=0.0,
+        metavar="MS",
+        help="up to this much more per message, at random (never reordered; e.g. 25)",
+    )
+    line.add_argument("--seed", type=int, default=0, help="random seed for the jitter (0)")
+    line.add_argument(
+        "--backchannel-after",
+        type=float,
+        metavar="S",
+        help='the caller says "mm-hm" once the agent\'s reply has been audible S seconds',
+    )
+    line.add_argument(
+        "--cough-after",
+        type=float,
+        metavar="S",
+        help="the caller coughs once the agent's reply has been audible S seconds",
+    )
+    line.add_argument(
+        "--echo-db",
+        type=float,
+        metavar="DB",
+        help="echo: what the caller hears goes back up at DB relative to it (e.g. -25)",
+    )
+    line.add_argument(
+        "--echo-delay-ms",
+        type=float,
+        default=150.0,
+        metavar="MS",
+        help="how late that echo comes back (default 150)",
+    )
+    line.add_argument(
+        "--keys", default="", metavar="DIGITS", help="keys to press after speaking (e.g. 1234#)"
+    )
+    line.add_argument(
+        "--key-gap-ms",
+        type=float,
+        default=100.0,
+        metavar="MS",
+        help="time from one key to the next (default 100)",
+    )
     return parser
 
 

@@ -1,7 +1,9 @@
 """`telephony simulate CALLER.wav`: one simulated phone call, start to end, with a report.
 
-The caller side says the WAV (once, after a second for the greeting), waits for the agent to
-finish, and hangs up; what the caller heard goes to a WAV and a per-turn summary is printed.
+The caller side says the WAV (once, after a second for the greeting), keys in any digits,
+waits for the agent to finish, and hangs up; what the caller heard goes to a WAV and a
+per-turn summary is printed. The line and the caller can be made more realistic: network
+delay, echo, a caller who says "mm-hm" or coughs into the agent's reply.
 """
 
 from __future__ import annotations
@@ -10,7 +12,8 @@ import argparse
 import asyncio
 import contextlib
 import sys
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -19,7 +22,15 @@ import numpy as np
 from ..audio.wavfile import read_wav, to_phone_audio, write_wav
 from ..settings import Settings
 from .replay import CallFigures, figures_from_log
-from .simulator import CallerSimulator, WebhookError, place_call
+from .simulator import (
+    DIGITS,
+    CallerSimulator,
+    Echo,
+    Interjection,
+    Network,
+    WebhookError,
+    place_call,
+)
 
 __all__ = ["SimulatedCall", "format_summary", "simulate_call"]
 
@@ -34,6 +45,10 @@ class SimulatedCall:
     figures: CallFigures
     heard: np.ndarray
     """What the caller heard, 8 kHz int16, from the stream's start."""
+    interjections: list[tuple[float, str]] = field(default_factory=list)
+    """When the caller said "mm-hm" or coughed (s from the stream's start), and which."""
+    keys: list[tuple[float, str]] = field(default_factory=list)
+    """When the caller pressed which key (s from the stream's start)."""
 
 
 async def simulate_call(
@@ -46,17 +61,32 @@ async def simulate_call(
     settle_s: float = 3.0,
     max_s: float = 300.0,
     progress: TextIO | None = None,
+    network: Network | None = None,
+    echo: Echo | None = None,
+    interjections: Sequence[Interjection] = (),
+    keys: str = "",
+    key_gap_s: float = 0.1,
 ) -> SimulatedCall:
-    """Places the call; raises WavError before dialling if the WAV cannot be read."""
+    """Places the call; raises WavError before dialling if the WAV cannot be read. `keys`
+    are pressed `key_gap_s` apart once the caller has said the WAV."""
     audio = to_phone_audio(*read_wav(wav))
     spoken_s = len(audio) / 8000
     loop = asyncio.get_running_loop()
-    async with place_call(url, app=app, auth_token=auth_token, public_url=public_url) as sim:
+    async with place_call(
+        url,
+        app=app,
+        auth_token=auth_token,
+        public_url=public_url,
+        network=network,
+        echo=echo,
+        interjections=interjections,
+    ) as sim:
         reporter = asyncio.create_task(_report(sim, spoken_s, progress)) if progress else None
         try:
             await asyncio.sleep(GREETING_S)
             await sim.say(audio)
             await sim.finish_speaking()
+            await sim.press_keys(keys, key_gap_s)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout_at(sim.log.started + max_s):
                     await sim.agent_quiet(settle_s, since=loop.time())
@@ -68,7 +98,15 @@ async def simulate_call(
                 with contextlib.suppress(asyncio.CancelledError):
                     await reporter
                 progress.write("\n")  # type: ignore[union-attr]
-    return SimulatedCall(sim.call_sid, duration, figures_from_log(sim.log), sim.log.heard_pcm())
+    started = sim.log.started
+    return SimulatedCall(
+        sim.call_sid,
+        duration,
+        figures_from_log(sim.log),
+        sim.log.heard_pcm(),
+        [(t - started, what) for t, what in sim.log.interjections],
+        [(t - started, key) for t, key in sim.log.keys],
+    )
 
 
 async def _report(sim: CallerSimulator, spoken_s: float, out: TextIO) -> None:
@@ -104,6 +142,8 @@ def format_summary(call: SimulatedCall) -> str:
             how = f"{(start - max(before)) * 1000:.0f} ms after the caller stopped"
         events.append((start, f"agent turn {n}: {start:.2f}-{end:.2f} s, {how}"))
     events += [(t, f"clear at {t:.2f} s (barge-in)") for t in f.clears]
+    events += [(t, f"caller interjected {what} at {t:.2f} s") for t, what in call.interjections]
+    events += [(t, f"caller pressed {key} at {t:.2f} s") for t, key in call.keys]
     lines += ["  " + text for _, text in sorted(events)]
     latencies = f.response_latencies
     if latencies:
@@ -123,10 +163,15 @@ def main_simulate(args: argparse.Namespace, settings: Settings) -> int:
 
     wav = Path(args.wav)
     out = Path(args.out) if args.out else wav.with_name(wav.stem + "-heard.wav")
+    try:
+        realism = _realism(args)
+    except ValueError as exc:
+        print(f"telephony simulate: {exc}", file=sys.stderr)
+        return 2
 
     async def run() -> SimulatedCall:
         kwargs: dict[str, Any] = dict(
-            settle_s=args.settle, max_s=args.max_seconds, progress=sys.stderr
+            settle_s=args.settle, max_s=args.max_seconds, progress=sys.stderr, **realism
         )
         if args.url:
             return await simulate_call(
@@ -151,3 +196,24 @@ def main_simulate(args: argparse.Namespace, settings: Settings) -> int:
     print(format_summary(call))
     print(f"what the caller heard: {out}")
     return 0
+
+
+def _realism(args: argparse.Namespace) -> dict[str, Any]:
+    """`simulate_call`'s line and caller options from the command line, checked before
+    anything is dialled (ValueError if one makes no sense)."""
+    if bad := set(args.keys) - set(DIGITS):
+        raise ValueError(f"--keys: not phone keys: {''.join(sorted(bad))!r}")
+    if args.key_gap_ms < 0:
+        raise ValueError("--key-gap-ms cannot be negative")
+    interjections = [
+        Interjection(name, after)
+        for name, after in (("mm-hm", args.backchannel_after), ("cough", args.cough_after))
+        if after is not None
+    ]
+    return dict(
+        network=Network(args.delay_ms / 1000, args.jitter_ms / 1000, args.seed),
+        echo=None if args.echo_db is None else Echo(args.echo_db, args.echo_delay_ms / 1000),
+        interjections=interjections,
+        keys=args.keys,
+        key_gap_s=args.key_gap_ms / 1000,
+    )

@@ -3,6 +3,29 @@ protocol. It posts the signed voice webhook, follows the TwiML to the Media Stre
 caller audio in real time (20 ms frames), plays agent audio at 8,000 bytes/s as Twilio would,
 echoes marks once their audio has played and honours `clear`.
 
+Real lines are messier, and each of these can be switched on (all are off by default, and off
+the simulator behaves exactly as without them):
+
+- `Network`: one-way delay and jitter between Twilio's media edge and the server, each way.
+- `Echo`: the handset or speakerphone sends back what the caller hears, quieter and later.
+- `Interjection` / `backchannel()` / `cough()`: the caller says "mm-hm" or coughs while the
+  agent talks, as callers do.
+- `press_keys()`: keys pressed in quick succession.
+
+The interjection clips ship in `assets/` (8 kHz mono mu-law, headerless); they were made once
+with espeak-ng 1.51 and SoX 14.4 (tests never run either; `[[...]]` is espeak's phoneme input,
+as it spells the text "mm-hm" out letter by letter):
+
+    espeak-ng -v en-us -s 160 "[[m-'hm]]" -w mmhm.wav
+    sox -R mmhm.wav -r 8000 -c 1 -e mu-law -t raw mmhm.ulaw \\
+        silence 1 0.01 1% reverse silence 1 0.01 1% reverse norm -6
+    sox -R -n -r 8000 -c 1 -e mu-law -t raw cough.ulaw \\
+        synth 0.15 pinknoise fade q 0.004 0.15 0.13 sinc 150-3400 norm -8.5
+
+The mm-hm is 383 ms of voiced hum with the dip of its "h"; the cough is 150 ms of band-limited
+noise with a 4 ms attack and a decaying tail. Both sit at speech level (RMS about 3,000) and
+both make WebRTC's VAD (and the bridge's detector) report speech, as real ones do.
+
 It reaches the server over the network (`place_call(url)`) or in-process through the ASGI app
 (`place_call(app=app)`), which is what lets a replay run on a virtual clock."""
 
@@ -10,24 +33,29 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import math
+import random
 import urllib.parse
 import urllib.request
 import xml.etree.ElementTree as ET
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
+from importlib import resources
 from typing import Any, Protocol
 
 import numpy as np
 from websockets.asyncio.client import ClientConnection, connect
 
-from ..audio import mulaw_decode
+from ..audio import mulaw_decode, mulaw_encode
 from ..twilio.media_stream import (
     Clear,
     Connected,
     Dtmf,
     Mark,
     Media,
+    OutboundEvent,
     PlayMark,
     PlayMedia,
     Start,
@@ -36,11 +64,87 @@ from ..twilio.media_stream import (
 )
 from ..twilio.signatures import SignatureChecker
 
-__all__ = ["CallLog", "CallerSimulator", "Heard", "StreamSocket", "WebhookError", "place_call"]
+__all__ = [
+    "DIGITS",
+    "SOUNDS",
+    "CallLog",
+    "CallerSimulator",
+    "Echo",
+    "Heard",
+    "Interjection",
+    "Network",
+    "StreamSocket",
+    "WebhookError",
+    "place_call",
+    "sound",
+]
 
 FRAME_BYTES = 160
 FRAME_S = 0.02
 SILENCE = b"\xff" * FRAME_BYTES
+DIGITS = "0123456789*#"
+"""The keys a phone sends as DTMF."""
+SOUNDS = {"mm-hm": "mmhm.ulaw", "cough": "cough.ulaw"}
+"""Interjections that ship with the package, by name (files in `assets/`)."""
+REPLY_GAP_S = 0.3
+"""Agent audio separated by less than this is one reply (as `replay.TURN_GAP_S` counts turns)."""
+
+
+@functools.cache
+def sound(name: str) -> bytes:
+    """A shipped interjection clip (8 kHz mu-law), by its name in `SOUNDS`."""
+    if name not in SOUNDS:
+        raise ValueError(f"no sound {name!r}; there are {', '.join(SOUNDS)}")
+    return (resources.files(__package__) / "assets" / SOUNDS[name]).read_bytes()
+
+
+@dataclass(frozen=True)
+class Network:
+    """The path between Twilio's media edge and the server, the same each way.
+
+    Every message takes `delay_s` plus a random extra of 0 to `jitter_s` (uniform, from a
+    generator seeded with `seed`, so runs repeat): queueing only ever adds to the propagation
+    delay. The path is one TCP connection, so a message never overtakes the one before it:
+    jitter makes messages late and bunched, never reordered."""
+
+    delay_s: float = 0.0
+    jitter_s: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.delay_s < 0 or self.jitter_s < 0:
+            raise ValueError("network delay and jitter cannot be negative")
+
+
+@dataclass(frozen=True)
+class Echo:
+    """The caller's handset or speakerphone picking up what it plays: the agent audio the
+    caller hears goes back up, `level_db` relative to how it was heard, `delay_s` later,
+    added to whatever the caller says. It rides on the frames the simulator streams itself
+    (every frame, when `continuous`), not on frames passed to `send_frame`."""
+
+    level_db: float = -25.0
+    delay_s: float = 0.15
+
+    def __post_init__(self) -> None:
+        if self.delay_s < 0:
+            raise ValueError("echo delay cannot be negative")
+
+
+@dataclass(frozen=True)
+class Interjection:
+    """The caller says `sound` (a name in `SOUNDS`) once, as soon as the agent has been
+    audible to them for `after_agent_s` in one reply. A reply is agent audio that began
+    after the caller last finished saying something (`say()`), pieces less than 300 ms apart
+    counting as one; a greeting before the caller spoke is not a reply."""
+
+    sound: str
+    after_agent_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        sound(self.sound)
+        if self.after_agent_s < 0:
+            raise ValueError("after_agent_s cannot be negative")
 
 
 class WebhookError(RuntimeError):
@@ -66,17 +170,25 @@ class Heard:
 
 @dataclass
 class CallLog:
-    """What the Twilio side saw, with monotonic timestamps."""
+    """What the Twilio side saw, with monotonic timestamps. With a `Network`, times are those
+    at Twilio's end: when its messages left, when the server's arrived, when the caller
+    heard what."""
 
     started: float = 0.0
     sent: list[tuple[float, bytes]] = field(default_factory=list)
-    """Caller audio frames as sent."""
+    """Caller audio frames as sent (with any echo and interjections mixed in)."""
     media: list[tuple[float, int]] = field(default_factory=list)
+    """Agent audio as it arrived: time and length in bytes."""
     clears: list[float] = field(default_factory=list)
+    """When each clear arrived, which is when it cut what the caller heard."""
     marks_received: int = 0
     marks_echoed: int = 0
     heard: list[Heard] = field(default_factory=list)
     protocol_errors: list[str] = field(default_factory=list)
+    interjections: list[tuple[float, str]] = field(default_factory=list)
+    """Onset of each interjection (when its first frame was sent) and what it was."""
+    keys: list[tuple[float, str]] = field(default_factory=list)
+    """Each DTMF key, when Twilio sent it."""
 
     def heard_pcm(self, until: float | None = None) -> np.ndarray:
         """The caller's earpiece as one 8 kHz int16 timeline from the stream's start."""
@@ -152,6 +264,20 @@ class _AppSocket:
         await self._connection.close(1000)
 
 
+class _Link:
+    """One direction of a `Network`: when a message sent at a given time arrives."""
+
+    def __init__(self, network: Network, direction: str) -> None:
+        self._delay = network.delay_s
+        self._jitter = network.jitter_s
+        self._rng = random.Random(f"{network.seed}/{direction}")
+        self._last = -math.inf
+
+    def arrival(self, sent: float) -> float:
+        self._last = max(self._last, sent + self._delay + self._rng.uniform(0, self._jitter))
+        return self._last
+
+
 class CallerSimulator:
     """One simulated call on an open Media Stream. Use `place_call()` to get one."""
 
@@ -163,6 +289,9 @@ class CallerSimulator:
         parameters: dict[str, str],
         continuous: bool = True,
         clock: Callable[[], float] | None = None,
+        network: Network | None = None,
+        echo: Echo | None = None,
+        interjections: Sequence[Interjection] = (),
     ) -> None:
         self._ws = ws
         self.call_sid = call_sid
@@ -182,15 +311,34 @@ class CallerSimulator:
         self._mark_waiting = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self.closed = asyncio.Event()
+        # Without a network (or with a perfect one) messages go straight through, as before.
+        self._up: _Link | None = None
+        self._down: _Link | None = None
+        if network is not None and (network.delay_s or network.jitter_s):
+            self._up, self._down = _Link(network, "up"), _Link(network, "down")
+        self._uplink: asyncio.Queue[tuple[float, str] | None] = asyncio.Queue()
+        self._downlink: asyncio.Queue[tuple[float, OutboundEvent] | None] = asyncio.Queue()
+        self._uplink_task: asyncio.Task[None] | None = None
+        self._media_due = 0.0
+        self._echo = echo
+        self._interjections = list(interjections)
+        self._said_at: float | None = None
+        self._overlay = np.zeros(0)
+        self._onsets: list[tuple[asyncio.Future[float], str]] = []
 
     def _next_seq(self) -> int:
         self._seq += 1
         return self._seq
 
     async def _send(self, text: str) -> None:
-        await self._ws.send(text)
+        if self._up is None:
+            await self._ws.send(text)
+        else:
+            self._uplink.put_nowait((self._up.arrival(self._clock()), text))
 
     async def begin(self) -> None:
+        if self._up is not None:
+            self._uplink_task = asyncio.create_task(self._carry_up())
         await self._send(Connected().to_json())
         start = Start(
             sequence_number=self._next_seq(),
@@ -207,6 +355,10 @@ class CallerSimulator:
             asyncio.create_task(self._receive()),
             asyncio.create_task(self._echo_marks()),
         ]
+        if self._down is not None:
+            self._tasks.append(asyncio.create_task(self._carry_down()))
+        if self._uplink_task is not None:
+            self._tasks.append(self._uplink_task)
 
     async def say(self, mulaw: bytes) -> float:
         """Queues caller audio; returns once its first frame is sent, with the time it was."""
@@ -215,6 +367,30 @@ class CallerSimulator:
             frame = mulaw[i : i + FRAME_BYTES].ljust(FRAME_BYTES, b"\xff")
             self._outgoing.append((frame, None if i else first))
         return await first
+
+    async def interject(self, clip: bytes, label: str = "clip") -> float:
+        """Mixes `clip` (8 kHz mu-law) into the caller's uplink from the next frame on, over
+        whatever the caller is sending (speech, echo or silence), and logs it as `label`;
+        returns its onset: when its first frame was sent."""
+        return await self._inject(clip, label)
+
+    def _inject(self, clip: bytes, label: str) -> asyncio.Future[float]:
+        pcm = np.frombuffer(mulaw_decode(clip), np.int16).astype(np.float64)
+        mixed = np.zeros(max(len(pcm), len(self._overlay)))
+        mixed[: len(self._overlay)] += self._overlay
+        mixed[: len(pcm)] += pcm
+        self._overlay = mixed
+        onset: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+        self._onsets.append((onset, label))
+        return onset
+
+    async def backchannel(self) -> float:
+        """The caller says "mm-hm" (383 ms) right now; returns its onset."""
+        return await self.interject(sound("mm-hm"), "mm-hm")
+
+    async def cough(self) -> float:
+        """The caller coughs (150 ms) right now; returns its onset."""
+        return await self.interject(sound("cough"), "cough")
 
     async def finish_speaking(self) -> None:
         while self._outgoing:
@@ -239,8 +415,9 @@ class CallerSimulator:
         """Returns once no agent audio has played for `quiet_s`, counted from `since` at the
         earliest, or once the call is over."""
         while not self.closed.is_set():
-            # what was sent plays back to back; a clear cuts it at once
-            if self._clock() - max(since, self._play_end) >= quiet_s:
+            # what was sent plays back to back; a clear cuts it at once; audio still on its
+            # way over a slow network will play too
+            if self._clock() - max(since, self._play_end, self._media_due) >= quiet_s:
                 return
             await asyncio.sleep(0.05)
 
@@ -250,17 +427,84 @@ class CallerSimulator:
             delay = next_at - self._clock()
             if delay > 0:
                 await asyncio.sleep(delay)
+            # the frame's own time on the 20 ms grid, even when the loop runs late, so echo
+            # and interjections land where they belong in the uplink
+            at = next_at
             next_at += FRAME_S
+            self._interject_when_due(at)
             sent: asyncio.Future[float] | None = None
             if self._outgoing:
                 frame, sent = self._outgoing.popleft()
-            elif self.continuous:
+                if not self._outgoing:
+                    self._said_at = at + FRAME_S
+            elif self.continuous or len(self._overlay):
                 frame = SILENCE
             else:
                 continue
-            await self.send_frame(frame)
+            onsets, self._onsets = self._onsets, []  # whatever was injected starts here
+            await self.send_frame(self._mix(frame, at))
+            now = self._clock()
             if sent is not None and not sent.done():
-                sent.set_result(self._clock())
+                sent.set_result(now)
+            for onset, label in onsets:
+                self.log.interjections.append((now, label))
+                onset.set_result(now)
+
+    def _interject_when_due(self, at: float) -> None:
+        if not self._interjections:
+            return
+        audible = self._reply_audible(at)
+        for interjection in list(self._interjections):
+            if audible > 0 and audible >= interjection.after_agent_s:  # 0 s: at the reply's onset
+                self._interjections.remove(interjection)
+                self._inject(sound(interjection.sound), interjection.sound)  # logs its onset
+
+    def _reply_audible(self, at: float) -> float:
+        """How long the caller has heard the agent, up to `at`, in the reply now playing."""
+        total = 0.0
+        later = at
+        for heard in reversed(self.log.heard):
+            if not heard.audio or heard.start >= at:
+                continue  # cut by a clear before it played, or not playing yet
+            if self._said_at is None or heard.start < self._said_at:
+                break
+            end = min(heard.end, at)
+            if later - end >= REPLY_GAP_S:
+                break
+            total += end - heard.start
+            later = heard.start
+        return total
+
+    def _mix(self, frame: bytes, at: float) -> bytes:
+        """`frame` with the echo and any interjection added (in linear PCM), unchanged if
+        there is nothing to add."""
+        extra = np.zeros(FRAME_BYTES)
+        if self._echo is not None:
+            heard = self._heard_between(at - self._echo.delay_s, FRAME_BYTES)
+            extra += heard * 10 ** (self._echo.level_db / 20)
+        if len(self._overlay):
+            take = self._overlay[:FRAME_BYTES]
+            extra[: len(take)] += take
+            self._overlay = self._overlay[FRAME_BYTES:]
+        if not extra.any():
+            return frame
+        pcm = np.frombuffer(mulaw_decode(frame), np.int16) + np.rint(extra)
+        return mulaw_encode(np.clip(pcm, -32768, 32767).astype("<i2").tobytes())
+
+    def _heard_between(self, t0: float, n: int) -> np.ndarray:
+        """The `n` samples the caller heard from time `t0` on."""
+        out = np.zeros(n)
+        for heard in reversed(self.log.heard):
+            if not heard.audio:
+                continue
+            if heard.end <= t0:
+                break  # what played before this ended earlier still
+            offset = round((heard.start - t0) * 8000)
+            first, last = max(0, offset), min(n, offset + len(heard.audio))
+            if first < last:
+                piece = mulaw_decode(heard.audio[first - offset : last - offset])
+                out[first:last] = np.frombuffer(piece, np.int16)
+        return out
 
     async def send_frame(self, payload: bytes) -> None:
         """One media message now, stamped as Twilio stamps it (ms since the stream started)."""
@@ -281,22 +525,57 @@ class CallerSimulator:
             async for frame in self._ws:
                 now = self._clock()
                 event = parse_outbound(frame)
-                if isinstance(event, PlayMedia):
-                    start = max(now, self._play_end)
-                    self._play_end = start + len(event.payload) / 8000
-                    self.log.media.append((now, len(event.payload)))
-                    self.log.heard.append(Heard(start, event.payload, now))
-                elif isinstance(event, PlayMark):
-                    self.log.marks_received += 1
-                    self._pending_marks.append((max(now, self._play_end), event.name))
-                    self._mark_waiting.set()
-                elif isinstance(event, Clear):
-                    self._clear(now)
-                    await self._flush_marks(all_of_them=True)
+                if self._down is None:
+                    await self._arrive(event, now)
+                else:
+                    at = self._down.arrival(now)
+                    if isinstance(event, PlayMedia):
+                        self._media_due = at
+                    self._downlink.put_nowait((at, event))
         except Exception as exc:  # noqa: BLE001 - the log is what tests read
             self.log.protocol_errors.append(repr(exc))
         finally:
+            if self._down is None:
+                self.closed.set()
+            else:
+                self._downlink.put_nowait(None)  # the close arrives after what came before it
+
+    async def _carry_down(self) -> None:
+        """Hands Twilio each message from the server when it arrives over the `Network`."""
+        try:
+            while (item := await self._downlink.get()) is not None:
+                at, event = item
+                delay = at - self._clock()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                await self._arrive(event, at)
+        finally:
             self.closed.set()
+
+    async def _carry_up(self) -> None:
+        """Delivers Twilio's messages to the server when they arrive over the `Network`; None
+        ends it (everything sent before has arrived: the socket can close)."""
+        while (item := await self._uplink.get()) is not None:
+            at, text = item
+            delay = at - self._clock()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            await self._ws.send(text)
+
+    async def _arrive(self, event: OutboundEvent, at: float) -> None:
+        """What Twilio does with a message from the server that reached it at `at`."""
+        if isinstance(event, PlayMedia):
+            start = max(at, self._play_end)
+            self._play_end = start + len(event.payload) / 8000
+            self.log.media.append((at, len(event.payload)))
+            self.log.heard.append(Heard(start, event.payload, at))
+        elif isinstance(event, PlayMark):
+            self.log.marks_received += 1
+            self._pending_marks.append((max(at, self._play_end), event.name))
+            self._mark_waiting.set()
+        elif isinstance(event, Clear):
+            self._clear(at)
+            await self._flush_marks(all_of_them=True)
 
     def _clear(self, now: float) -> None:
         self.log.clears.append(now)
@@ -327,16 +606,31 @@ class CallerSimulator:
             await self._flush_marks()
 
     async def press(self, digit: str) -> None:
+        self.log.keys.append((self._clock(), digit))
         dtmf = Dtmf(self._next_seq(), self.stream_sid, "inbound_track", digit)
         await self._send(dtmf.to_json())
 
+    async def press_keys(self, digits: str, gap_s: float = 0.1) -> None:
+        """Keys in quick succession, `gap_s` from one to the next (as a caller types a number
+        in): one `dtmf` message each, while the caller's media keeps flowing."""
+        if bad := set(digits) - set(DIGITS):
+            raise ValueError(f"not phone keys: {''.join(sorted(bad))!r}")
+        first = self._clock()
+        for n, digit in enumerate(digits):
+            await asyncio.sleep(max(0.0, first + n * gap_s - self._clock()))
+            await self.press(digit)
+
     async def hang_up(self) -> None:
-        """Twilio's `stop`, then the socket closes."""
+        """Twilio's `stop`, then the socket closes (over a `Network`, once everything sent
+        before it has arrived)."""
         if self._tasks:
             self._tasks[0].cancel()  # no caller audio after the stop
         with contextlib.suppress(Exception):
             stop = Stop(self._next_seq(), self.stream_sid, "AC" + "0" * 32, self.call_sid)
             await self._send(stop.to_json())
+        if self._uplink_task is not None:
+            self._uplink.put_nowait(None)
+            await asyncio.wait([self._uplink_task])
         await self.close()
 
     async def close(self) -> None:
@@ -357,13 +651,18 @@ async def place_call(
     caller: str = "+15550001111",
     callee: str = "+15550002222",
     continuous: bool = True,
+    network: Network | None = None,
+    echo: Echo | None = None,
+    interjections: Sequence[Interjection] = (),
 ) -> AsyncIterator[CallerSimulator]:
     """Does what Twilio does when a call comes in, up to an open Media Stream: over the
     network to `base_url`, or in-process to a Quart `app` (already started, e.g. inside
     `app.test_app()`).
 
     `public_url` is the URL Twilio would have used (what the server validates signatures
-    against); it defaults to `base_url` (`http://localhost` in-process)."""
+    against); it defaults to `base_url` (`http://localhost` in-process). `network`, `echo`
+    and `interjections` make the line and the caller more like real ones (see the module's
+    docstring); the `network` slows the Media Stream, not the webhook."""
     if bool(base_url) == (app is not None):
         raise ValueError("place_call needs a base_url or an app, not both")
     public = (public_url or base_url or "http://localhost").rstrip("/")
@@ -402,7 +701,15 @@ async def place_call(
                     compression=None,  # Twilio does not negotiate permessage-deflate
                 )
             )
-        sim = CallerSimulator(ws, call_sid=call_sid, parameters=params, continuous=continuous)
+        sim = CallerSimulator(
+            ws,
+            call_sid=call_sid,
+            parameters=params,
+            continuous=continuous,
+            network=network,
+            echo=echo,
+            interjections=interjections,
+        )
         sim.stream_url = stream_url
         await sim.begin()
         try:
