@@ -55,9 +55,9 @@ def free_port() -> int:
 @contextmanager
 def running_server(tmp: Path, **overrides: object) -> Iterator[RunningServer]:
     port = free_port()
-    settings = Settings(
-        host="127.0.0.1", port=port, agent="echo", session_db=str(tmp / "sessions.db"), **overrides
-    )
+    values: dict[str, object] = {"agent": "echo", "session_db": str(tmp / "sessions.db")}
+    values.update(overrides)
+    settings = Settings(host="127.0.0.1", port=port, **values)  # type: ignore[arg-type]
     app = create_app(settings)
     config = Config()
     config.bind = [f"127.0.0.1:{port}"]

@@ -237,16 +237,25 @@ async def test_speech_gets_a_transcript_then_its_echo_faster_than_real_time(
         await client.speak(SPEECH)
         await client.until("turnComplete")
         await client.until("sessionResumptionUpdate", 3)
-    kinds = [k for k in client.kinds() if k not in ("modelTurn", "outputTranscription")]
+    kinds = [
+        k
+        for k in client.kinds()
+        if k not in ("modelTurn", "outputTranscription", "inputTranscription")
+    ]
     assert kinds == [
         "setupComplete",
         "sessionResumptionUpdate",
-        "inputTranscription",
         "sessionResumptionUpdate",
         "generationComplete",
         "turnComplete",
         "sessionResumptionUpdate",
     ]
+    # the transcript starts before the reply; its last words come late, as the service's do
+    heard = [t for t, f in client.frames if _kind(f) == "inputTranscription"]
+    first_reply = next(t for t, f in client.frames if _kind(f) == "modelTurn")
+    assert len(heard) == 2
+    assert heard[0] <= first_reply
+    assert heard[1] - heard[0] >= ServiceBehaviour().transcription_lag_s - 0.02
     updates = [
         f["sessionResumptionUpdate"] for _, f in client.frames if "sessionResumptionUpdate" in f
     ]
@@ -316,6 +325,7 @@ async def test_caller_speech_while_generating_interrupts(service: GeminiLiveServ
         # the caller's interrupting utterance is then answered in full
         await client.speak(SILENCE)
         await client.until("turnComplete", 2)
+        await client.until("inputTranscription", 2)  # its last words come late
     assert client.count("generationComplete") == 1
     assert client.text("inputTranscription") == "(caller speech 0.3 s)"
 
@@ -393,6 +403,7 @@ async def test_explicit_activity_signals_drive_turns_only_without_automatic_dete
         await client.speak(SILENCE[:16000])
         await client.send(realtime_input={"activityEnd": {}})
         await client.until("turnComplete")
+        await client.until("inputTranscription", 2)  # its last words come late
     assert client.text("inputTranscription") == "(caller speech 0.5 s)"
 
 

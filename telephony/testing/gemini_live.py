@@ -253,13 +253,21 @@ class ServiceBehaviour:
     chunk_s: float = 0.04
     setup_delay_s: float = 0.0
     text_reply_max_s: float = 2.0
+    transcription_lag_s: float = 0.3
+    """The recognizer's last words of a turn arrive this long after the turn ended (the reply
+    may have begun), as the real service's often do: an input transcription is no answer."""
 
     def __post_init__(self) -> None:
         if not 0.5 <= self.vad_end_s <= 0.8:
             raise ValueError("vad_end_s: the real service ends a turn after 0.5-0.8 s of silence")
         if not 2.0 <= self.reply_speed <= 4.0:
             raise ValueError("reply_speed: the real service generates 2-4x faster than real time")
-        if self.vad_start_s <= 0 or self.chunk_s <= 0 or self.setup_delay_s < 0:
+        if (
+            self.vad_start_s <= 0
+            or self.chunk_s <= 0
+            or self.setup_delay_s < 0
+            or self.transcription_lag_s < 0
+        ):
             raise ValueError("timings must be positive")
 
     @property
@@ -796,12 +804,19 @@ class _Connection:
         seconds = len(pcm) / 2 / INPUT_RATE
         text = f"(caller speech {seconds:.1f} s)"
         if _get(self.setup, "inputAudioTranscription") is not None:
-            await self._send({"serverContent": {"inputTranscription": {"text": text}}})
+            head, tail = text.split(" ", 1)
+            await self._send({"serverContent": {"inputTranscription": {"text": head}}})
+            self.tasks = [task for task in self.tasks if not task.done()]
+            self.tasks.append(asyncio.create_task(self._late_transcription(" " + tail)))
         self.record.context.append(ContextTurn("user", text, seconds))
         if self.plan is not None and self.plan.kind is FaultKind.STALL:
             return
         echo = resample(pcm, INPUT_RATE, OUTPUT_RATE)
         self._enqueue(_Reply(echo, f"(echo of {seconds:.1f} s of caller speech)"))
+
+    async def _late_transcription(self, text: str) -> None:
+        await asyncio.sleep(self.behaviour.transcription_lag_s)
+        await self._send({"serverContent": {"inputTranscription": {"text": text}}})
 
     def _tool_response(self, body: dict[str, Any]) -> None:
         for response in _get(body, "functionResponses") or []:

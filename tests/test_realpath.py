@@ -1,0 +1,318 @@
+"""The path production runs, end to end: the Twilio-side simulator with real speech -> the
+real server -> the built-in agent (ADK's `Gemini` -> google-genai's live client -> TLS) -> the
+Gemini Live stand-in, which decides turns with its own VAD and records what it was told.
+
+Scenarios that expose a defect the next issue fixes assert the correct behaviour and are marked
+expected-to-fail (strict), naming the defect, so the fix flips them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from telephony.testing.gemini_live import (
+    ConnectionRecord,
+    FaultPlan,
+    GeminiLiveService,
+    running_in_thread,
+)
+from telephony.testing.simulator import CallerSimulator, place_call
+
+from .audio_tools import best_correlation, fixture, pcm
+from .server import RunningServer, running_server
+
+AGENTS = Path(__file__).parent / "agents"
+STALL_S = 4.0
+"""The servers here restart a live session the caller has waited this long for (default 15)."""
+
+
+@pytest.fixture(scope="module")
+def gemini() -> Iterator[GeminiLiveService]:
+    """One stand-in for the module; google-genai finds it through the environment."""
+    with running_in_thread() as service, pytest.MonkeyPatch.context() as env:
+        for name, value in service.environ().items():
+            env.setenv(name, value)
+        yield service
+
+
+@pytest.fixture(scope="module")
+def server(
+    gemini: GeminiLiveService, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningServer]:
+    """`telephony serve` with the built-in agent on the default model (gemini-3.8-live)."""
+    with running_server(
+        tmp_path_factory.mktemp("realpath"), agent="", model_stall_s=STALL_S
+    ) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def tool_server(
+    gemini: GeminiLiveService, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningServer]:
+    """A user's agent folder with a tool, on a 2.5 native-audio model."""
+    with running_server(
+        tmp_path_factory.mktemp("realpath-tools"), agent=str(AGENTS / "opening_hours")
+    ) as running:
+        yield running
+
+
+_sids = iter(range(1, 10**6))
+
+
+def _call(server: RunningServer, **kwargs: object):  # type: ignore[no-untyped-def]
+    return place_call(server.base_url, call_sid=f"CA{next(_sids):032d}", **kwargs)  # type: ignore[arg-type]
+
+
+async def wait_until(predicate: Callable[[], object], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+def _heard_after(sim: CallerSimulator, t: float) -> list[float]:
+    """When each piece of agent audio the caller heard after `t` started."""
+    return [h.start for h in sim.log.heard if h.start > t]
+
+
+async def _say(sim: CallerSimulator, name: str) -> tuple[float, float]:
+    speech = fixture(name)
+    start = await sim.say(speech)
+    await sim.finish_speaking()
+    return start, start + len(speech) / 8000
+
+
+async def _greeted(sim: CallerSimulator) -> None:
+    """Waits for the greeting and for it to finish playing."""
+    await wait_until(lambda: sim.log.heard, 5, "the greeting")
+    await sim.agent_quiet(0.6)
+
+
+def _core(name: str) -> np.ndarray:
+    """The fixture without its edges (VADs trim a little of each end)."""
+    return pcm(fixture(name))[2400:-4000]
+
+
+def _echo_score(sim: CallerSimulator, after: float, name: str) -> float:
+    heard = sim.log.heard_pcm()[int((after - sim.log.started) * 8000) :]
+    return best_correlation(heard, _core(name))[0]
+
+
+def _heard_between(sim: CallerSimulator, start: float, end: float) -> float:
+    """Seconds of agent audio the caller heard between two moments."""
+    return sum(max(0.0, min(h.end, end) - max(h.start, start)) for h in sim.log.heard)
+
+
+def _sent(connection: ConnectionRecord, kind: str) -> int:
+    """Frames the stand-in sent that carried `kind` (e.g. "interrupted", "goAway")."""
+    return sum(kind in sent.split("+") for sent in connection.sent)
+
+
+def _connections(gemini: GeminiLiveService, since: int) -> list[ConnectionRecord]:
+    return gemini.connections[since:]
+
+
+async def _hang_up(server: RunningServer, sim: CallerSimulator) -> None:
+    sid = sim.call_sid
+    await sim.hang_up()
+    await wait_until(lambda: server.calls.get(sid) is None, 5, "the call to end")
+    await wait_until(
+        lambda: not [n for n in server.call_tasks() if n.endswith(sid)], 5, "call tasks to end"
+    )
+
+
+async def test_greeting_and_two_turns(server: RunningServer, gemini: GeminiLiveService) -> None:
+    first = len(gemini.connections)
+    async with _call(server) as sim:
+        await _greeted(sim)
+        assert sim.log.heard[0].start - sim.log.started < 1.5
+        for name in ("sunday", "time"):
+            _, end = await _say(sim, name)
+            await wait_until(lambda e=end: _heard_after(sim, e), 3, f"the answer to {name}")
+            await sim.agent_quiet(0.6)
+            assert _echo_score(sim, end, name) > 0.9
+        assert not sim.log.clears
+        await _hang_up(server, sim)
+    [connection] = _connections(gemini, first)
+    assert connection.model == "models/gemini-3.8-live"
+    assert connection.text_turns == [
+        "(The phone call has just connected. Greet the caller briefly.)"
+    ]
+    assert [t.role for t in connection.context] == ["user", "model"] * 3
+    assert _sent(connection, "interrupted") == 0
+
+
+@pytest.mark.parametrize(("into_reply_s", "model_generating"), [(0.25, True), (2.0, False)])
+async def test_barge_in(
+    server: RunningServer, gemini: GeminiLiveService, into_reply_s: float, model_generating: bool
+) -> None:
+    """Early (the model is still generating: it reports the interruption too) and late (it has
+    finished: only our VAD can tell). Either way Twilio is cleared within 300 ms of onset, the
+    caller hears at most 350 ms of agent audio after it, and then the answer to what they said."""
+    first = len(gemini.connections)
+    async with _call(server) as sim:
+        await _greeted(sim)
+        _, end = await _say(sim, "hello")
+        await wait_until(lambda: _heard_after(sim, end), 3, "the answer")
+        reply = _heard_after(sim, end)[0]
+        await asyncio.sleep(reply + into_reply_s - time.monotonic())
+        onset, barge_end = await _say(sim, "stop")
+        await wait_until(lambda: sim.log.clears, 1, "a clear")
+        assert sim.log.clears[0] - onset <= 0.3
+        assert _heard_between(sim, onset, barge_end) <= 0.35
+        await wait_until(lambda: _heard_after(sim, barge_end), 4, "the answer to the barge-in")
+        await sim.agent_quiet(0.6)
+        assert _echo_score(sim, barge_end, "stop") > 0.9
+        await _hang_up(server, sim)
+    [connection] = _connections(gemini, first)
+    assert bool(_sent(connection, "interrupted")) == model_generating
+
+
+async def test_a_key_press_reaches_the_model_and_is_answered(
+    server: RunningServer, gemini: GeminiLiveService
+) -> None:
+    first = len(gemini.connections)
+    async with _call(server) as sim:
+        await _greeted(sim)
+        pressed = time.monotonic()
+        await sim.press("5")
+        await wait_until(lambda: _heard_after(sim, pressed), 3, "an answer to the key")
+        await _hang_up(server, sim)
+    [connection] = _connections(gemini, first)
+    assert connection.text_turns[1:] == ["(The caller pressed 5 on the keypad.)"]
+
+
+@pytest.mark.xfail(strict=True, reason="defect: each key is a turn of its own (issue 11 §7)")
+async def test_keys_pressed_in_quick_succession_reach_the_model_as_one_turn(
+    server: RunningServer, gemini: GeminiLiveService
+) -> None:
+    first = len(gemini.connections)
+    async with _call(server) as sim:
+        await _greeted(sim)
+        for key in "4207#":
+            await sim.press(key)
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(0.5)
+        await _hang_up(server, sim)
+    [connection] = _connections(gemini, first)
+    assert len(connection.text_turns[1:]) == 1
+    assert "4207#" in connection.text_turns[1]
+
+
+async def _answered_across_a_reconnect(
+    server: RunningServer, gemini: GeminiLiveService, plan: FaultPlan
+) -> list[ConnectionRecord]:
+    """Greeting, a question (during whose answer `plan` may strike), another question: both
+    answered in full; returns the stand-in's connections for the call."""
+    first = len(gemini.connections)
+    gemini.plan(plan)
+    async with _call(server) as sim:
+        await _greeted(sim)
+        for name in ("sunday", "time"):
+            _, end = await _say(sim, name)
+            await wait_until(lambda e=end: _heard_after(sim, e), 6, f"the answer to {name}")
+            await sim.agent_quiet(0.8)
+            assert _echo_score(sim, end, name) > 0.9
+        await _hang_up(server, sim)
+    return _connections(gemini, first)
+
+
+def _resumed(connections: list[ConnectionRecord]) -> None:
+    """The second connection resumed the first one's session: the model kept its context."""
+    assert len(connections) == 2
+    old, new = connections
+    assert new.resumed_handle is not None
+    assert [t.text for t in new.context[: len(old.context)]] == [t.text for t in old.context]
+
+
+async def test_go_away_when_idle_resumes_the_session(
+    server: RunningServer, gemini: GeminiLiveService
+) -> None:
+    connections = await _answered_across_a_reconnect(
+        server, gemini, FaultPlan.go_away(after_turns=1, time_left_s=0.5)
+    )
+    assert _sent(connections[0], "goAway") == 1
+    _resumed(connections)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="defect: ADK 2.13 keeps the empty handle of a non-resumable update, so a go_away "
+    "mid-reply starts a fresh session, and the reply is dropped without turn_complete "
+    "(issue 11 §4)",
+)
+async def test_go_away_mid_reply_resumes_the_session_and_answers(
+    server: RunningServer, gemini: GeminiLiveService
+) -> None:
+    connections = await _answered_across_a_reconnect(
+        server, gemini, FaultPlan.go_away(after_turns=1, chunks=10, time_left_s=0.5)
+    )
+    _resumed(connections)
+
+
+async def test_a_drop_while_holding_a_handle_resumes_the_session(
+    server: RunningServer, gemini: GeminiLiveService
+) -> None:
+    connections = await _answered_across_a_reconnect(server, gemini, FaultPlan.drop(after_turns=2))
+    assert connections[0].close_code == 1006
+    _resumed(connections)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="defect: a drop mid-reply leaves ADK with no handle; the restarted session gets the "
+    "history but nothing asks it to answer the caller's question (issue 11 §3, §4)",
+)
+async def test_a_drop_without_a_handle_restarts_and_the_question_is_answered(
+    server: RunningServer, gemini: GeminiLiveService
+) -> None:
+    connections = await _answered_across_a_reconnect(
+        server, gemini, FaultPlan.drop(after_turns=1, chunks=10)
+    )
+    assert len(connections) == 2
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="defect: the model's transcription of the caller disarms the stall watch, which is "
+    "never re-armed (issue 11 §3)",
+)
+async def test_a_stalled_model_is_restarted_and_the_question_answered(
+    server: RunningServer, gemini: GeminiLiveService
+) -> None:
+    first = len(gemini.connections)
+    gemini.plan(FaultPlan.stall())
+    async with _call(server) as sim:
+        await asyncio.sleep(1.0)
+        _, end = await _say(sim, "sunday")
+        await wait_until(lambda: _heard_after(sim, end), STALL_S + 4, "an answer after a restart")
+        await _hang_up(server, sim)
+    assert len(_connections(gemini, first)) == 2
+
+
+async def test_a_tool_call_is_run_and_answered(
+    tool_server: RunningServer, gemini: GeminiLiveService
+) -> None:
+    """2.5 models send the toolCall, then turnComplete; ADK runs the tool after it."""
+    first = len(gemini.connections)
+    gemini.plan(FaultPlan.tool_call("opening_hours", {"day": "Sunday"}, after_turns=1))
+    async with _call(tool_server) as sim:
+        await _greeted(sim)
+        _, end = await _say(sim, "sunday")
+        await wait_until(lambda: _heard_after(sim, end), 4, "the answer")
+        await sim.agent_quiet(0.6)
+        assert _echo_score(sim, end, "sunday") > 0.9
+        await _hang_up(tool_server, sim)
+    [connection] = _connections(gemini, first)
+    assert connection.model == "models/gemini-2.5-flash-native-audio-preview-12-2025"
+    [response] = connection.tool_responses
+    assert response["name"] == "opening_hours"
+    assert response["response"] == {"day": "Sunday", "hours": "closed"}
