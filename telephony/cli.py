@@ -66,7 +66,15 @@ def _parser() -> argparse.ArgumentParser:
         "--url", help="a running server (e.g. http://127.0.0.1:8080); default: one in-process"
     )
     simulate.add_argument(
-        "--agent", default="echo", help="the in-process server's agent (default: echo)"
+        "--agent",
+        help="the in-process server's agent: `echo`, an agent folder, or `gemini` for the "
+        "built-in Gemini agent (default: echo; with --gemini-standin: gemini)",
+    )
+    simulate.add_argument(
+        "--gemini-standin",
+        action="store_true",
+        help="run the agent's Gemini model against a local Gemini Live stand-in (TLS on "
+        "loopback): the production path (ADK, google-genai) with no key and no network",
     )
     simulate.add_argument(
         "--out", help="WAV of what the caller heard (default: CALLER-heard.wav beside CALLER)"
@@ -173,7 +181,8 @@ def _simulate(args: argparse.Namespace) -> int:
     from .testing.simulate_command import main_simulate
 
     try:
-        settings = Settings.from_env(agent=args.agent, session_db="")
+        agent = args.agent or ("gemini" if args.gemini_standin else "echo")
+        settings = Settings.from_env(agent="" if agent == "gemini" else agent, session_db="")
     except SettingsError as exc:
         print(f"telephony: {exc}", file=sys.stderr)
         return 2

@@ -3,6 +3,7 @@ and with files it cannot read."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import wave
@@ -55,6 +56,45 @@ def test_simulate_against_a_running_echo_server(tmp_path: Path, echo_server: str
         heard = np.frombuffer(w.readframes(w.getnframes()), "<i2").astype(float)
     # the echo came back, recognisably (its edges may be trimmed a little)
     assert best_correlation(heard, speech[2400:-4000])[0] > 0.9
+
+
+def test_simulate_the_real_path_against_the_gemini_standin(tmp_path: Path) -> None:
+    """The built-in agent, ADK's Gemini model and google-genai's live client, offline."""
+    speech = _speech_wav(tmp_path / "caller.wav", 16000)
+    out = tmp_path / "heard.wav"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GOOGLE_", "SSL_CERT"))}
+    done = subprocess.run(
+        [*CLI, "simulate", str(tmp_path / "caller.wav"), "--gemini-standin"]
+        + ["--settle", "1.5", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "agent turn 2:" in done.stdout and "ms after the caller stopped" in done.stdout
+    assert "Gemini stand-in: 1 connection(s)" in done.stdout
+    assert "models/gemini-3.8-live, 1 text turn(s)" in done.stdout
+    heard = pcm_wav(out)
+    assert best_correlation(heard, speech[2400:-4000])[0] > 0.9
+
+
+def test_the_gemini_standin_needs_the_in_process_server(tmp_path: Path) -> None:
+    _speech_wav(tmp_path / "caller.wav", 8000)
+    done = subprocess.run(
+        [*CLI, "simulate", str(tmp_path / "caller.wav"), "--gemini-standin"]
+        + ["--url", "http://127.0.0.1:9"],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2
+    assert "--gemini-standin needs the in-process server" in done.stderr
+
+
+def pcm_wav(path: Path) -> np.ndarray:
+    with wave.open(str(path)) as w:
+        return np.frombuffer(w.readframes(w.getnframes()), "<i2").astype(float)
 
 
 def test_reads_any_common_wav(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ import numpy as np
 
 from ..audio.wavfile import read_wav, to_phone_audio, write_wav
 from ..settings import Settings
+from .gemini_live import ConnectionRecord
 from .replay import CallFigures, figures_from_log
 from .simulator import (
     DIGITS,
@@ -32,7 +34,7 @@ from .simulator import (
     place_call,
 )
 
-__all__ = ["SimulatedCall", "format_summary", "simulate_call"]
+__all__ = ["SimulatedCall", "format_standin", "format_summary", "simulate_call"]
 
 GREETING_S = 1.0
 PROGRESS_EVERY_S = 0.25
@@ -165,9 +167,12 @@ def main_simulate(args: argparse.Namespace, settings: Settings) -> int:
     out = Path(args.out) if args.out else wav.with_name(wav.stem + "-heard.wav")
     try:
         realism = _realism(args)
+        if args.gemini_standin and args.url:
+            raise ValueError("--gemini-standin needs the in-process server: drop --url")
     except ValueError as exc:
         print(f"telephony simulate: {exc}", file=sys.stderr)
         return 2
+    standin: list[ConnectionRecord] = []
 
     async def run() -> SimulatedCall:
         kwargs: dict[str, Any] = dict(
@@ -179,9 +184,19 @@ def main_simulate(args: argparse.Namespace, settings: Settings) -> int:
             )
         from ..server.app import create_app
 
-        app = create_app(settings)
-        async with app.test_app():
-            return await simulate_call(wav, app=app, **kwargs)
+        async with contextlib.AsyncExitStack() as stack:
+            if args.gemini_standin:
+                from .gemini_live import GeminiLiveService
+
+                service = await stack.enter_async_context(GeminiLiveService())
+                # before the app exists: google-genai reads these when ADK builds its client
+                os.environ.update(service.environ())
+            app = create_app(settings)
+            await stack.enter_async_context(app.test_app())
+            call = await simulate_call(wav, app=app, **kwargs)
+            if args.gemini_standin:
+                standin[:] = service.connections
+            return call
 
     try:
         read_wav(wav)
@@ -194,8 +209,23 @@ def main_simulate(args: argparse.Namespace, settings: Settings) -> int:
         return 1
     write_wav(out, call.heard)
     print(format_summary(call))
+    if args.gemini_standin:
+        print(format_standin(standin))
     print(f"what the caller heard: {out}")
     return 0
+
+
+def format_standin(connections: Sequence[ConnectionRecord]) -> str:
+    """What the Gemini stand-in was told, connection by connection."""
+    lines = [f"Gemini stand-in: {len(connections)} connection(s)"]
+    for n, c in enumerate(connections, 1):
+        lines.append(
+            f"  {n}: {c.model}, {len(c.text_turns)} text turn(s), {c.audio_s:.1f} s of caller "
+            f"audio, {len([t for t in c.context if t.role == 'model'])} answer(s), "
+            + ("resumed" if c.resumed_handle else "new session")
+            + (f", closed {c.close_code}" if c.close_code else "")
+        )
+    return "\n".join(lines)
 
 
 def _realism(args: argparse.Namespace) -> dict[str, Any]:
