@@ -16,6 +16,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 import telephony.server.app
+from telephony.call import CallInfo
 from telephony.testing.simulator import place_call
 from telephony.twilio.media_stream import Media, Start, Stop
 
@@ -180,3 +181,24 @@ async def test_a_socket_closed_right_after_start_leaves_no_call_behind(
             break
         await asyncio.sleep(0.05)
     assert [sid for sid in sids if server.calls.get(sid) is not None] == []
+
+
+async def test_a_failed_write_to_twilio_ends_the_call_without_raising() -> None:
+    """The model's event pump sends through this: an error escaping it would be taken for the
+    live session failing (and the model restarted) when it is the caller's leg that broke."""
+
+    class Ended:
+        info = CallInfo("CA" + "9" * 32, "", "")
+        reason = ""
+
+        def end(self, reason: str) -> None:
+            self.reason = reason
+
+    async def broken(text: str) -> None:
+        raise ConnectionResetError("peer gone")
+
+    call = Ended()
+    send = telephony.server.app._sender(call, broken)  # type: ignore[arg-type]
+    await send("{}")
+    await send("{}")  # a dead socket is not written to again
+    assert call.reason == "Twilio socket failed"

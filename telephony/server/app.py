@@ -259,7 +259,8 @@ async def _read_stream(calls: CallRegistry, claimed: list[Call], finished: async
                 claimed.append(call)
                 if connected is not None and call.recorder is not None:
                     call.recorder.twilio_in(*connected)
-                call.attach(event, _sender(call))
+                # bound here: the call's tasks run outside the websocket context
+                call.attach(event, _sender(call, websocket.send))
                 where = f"call {event.call_sid}"
                 watchers.append(asyncio.create_task(_set_when(call.done, finished)))
                 continue
@@ -280,10 +281,13 @@ async def _read_stream(calls: CallRegistry, claimed: list[Call], finished: async
         finished.set()
 
 
-def _sender(call: Call) -> Callable[[str], Awaitable[None]]:
-    """Writes to Twilio, giving up on a socket that stopped taking data (the call ends)."""
+def _sender(
+    call: Call, write: Callable[[str], Awaitable[None]]
+) -> Callable[[str], Awaitable[None]]:
+    """Writes to Twilio, giving up on a socket that stopped taking data or failed (the call
+    ends). It never raises: the model's event pump sends through it, and an error there would
+    count as the live session failing."""
     dead = False
-    write = websocket.send  # bound here: the call's tasks run outside the websocket context
 
     async def send(text: str) -> None:
         nonlocal dead
@@ -298,6 +302,10 @@ def _sender(call: Call) -> Callable[[str], Awaitable[None]]:
                 "call %s: Twilio stopped reading for %.0f s", call.info.call_sid, SEND_TIMEOUT_S
             )
             call.end("Twilio socket stalled")
+        except Exception as exc:  # the caller's leg failed: never blame (and restart) the model
+            dead = True
+            log.warning("call %s: sending to Twilio failed: %r", call.info.call_sid, exc)
+            call.end("Twilio socket failed")
 
     return send
 
