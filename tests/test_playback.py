@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 
 import pytest
 
-from telephony.call.playback import PlaybackLedger, Player, UnknownMark
+from telephony.call.playback import MAX_LEAD_S, PlaybackLedger, Player, RoundTrip, UnknownMark
 
 
 def test_ledger_tracks_unplayed_audio_by_clock_and_marks() -> None:
@@ -36,6 +37,63 @@ def test_ledger_counts_marks_echoed_by_a_clear_as_cleared() -> None:
     assert (ledger.marks_played, ledger.marks_cleared, ledger.pending_marks) == (0, 1, 0)
     with pytest.raises(UnknownMark):
         ledger.mark_echoed("a", now=0.4)
+
+
+def test_the_round_trip_is_the_smallest_recent_sample() -> None:
+    trip = RoundTrip(window_s=10.0)
+    assert (trip.seconds, trip.jitter_s) == (0, 0)  # no echo yet
+    trip.observe(0.7, now=0.0)
+    trip.observe(0.5, now=1.0)
+    trip.observe(0.6, now=2.0)
+    assert trip.seconds == 0.5
+    assert trip.jitter_s == pytest.approx(0.2)
+    trip.observe(0.65, now=10.5)  # the 0.7 of t=0 is out of the window, the 0.5 of t=1 not
+    assert trip.seconds == 0.5
+    assert trip.jitter_s == pytest.approx(0.15)
+    trip.observe(0.9, now=30.0)  # the line became slower: believed once the window has passed
+    assert (trip.seconds, trip.jitter_s) == (0.9, 0)
+
+
+def test_ledger_learns_the_round_trip_from_echoes_that_come_back_late_by_it() -> None:
+    """150 ms each way: what leaves at 0 plays from 0.15 at Twilio, echoes 150 ms later."""
+    ledger = PlaybackLedger()
+    ledger.sent(1600, now=0.0)
+    ledger.mark_sent("a")
+    ledger.sent(1600, now=0.0)
+    ledger.mark_sent("b")
+    assert ledger.mark_echoed("a", now=0.5) is True  # played 0.15-0.35 there
+    assert ledger.round_trip.seconds == pytest.approx(0.3)
+    assert ledger.unplayed_ms(0.5) == pytest.approx(200)
+    assert ledger.mark_echoed("b", now=0.7) is True
+    assert ledger.round_trip.seconds == pytest.approx(0.3)
+    assert ledger.unplayed_ms(0.7) == 0 and not ledger.holds_audio(0.7)
+    # The next reply: its echo is due a round trip after it played, and more must leave by
+    # 5.2 to reach Twilio (at 5.35) before what it holds runs out.
+    ledger.sent(1600, now=5.0)
+    ledger.mark_sent("c")
+    assert ledger.unplayed_ms(5.0) == pytest.approx(500)
+    assert ledger.send_by == pytest.approx(5.2)
+    # An echo late by jitter (or by a gap at Twilio's end) says nothing new.
+    assert ledger.mark_echoed("c", now=5.65) is True
+    assert ledger.round_trip.seconds == pytest.approx(0.3)
+
+
+def test_after_a_clear_nothing_counts_as_playing_and_its_echoes_teach_nothing() -> None:
+    ledger = PlaybackLedger()
+    ledger.sent(1600, now=0.0)
+    ledger.mark_sent("a")
+    ledger.mark_echoed("a", now=0.5)
+    ledger.sent(8000, now=1.0)
+    ledger.mark_sent("b")
+    ledger.cleared(now=1.1)
+    assert ledger.unplayed_ms(1.1) == 0 and not ledger.holds_audio(1.1)
+    assert ledger.mark_echoed("b", now=1.4) is False  # long before "b" could have played
+    assert ledger.round_trip.seconds == pytest.approx(0.3)
+    ledger.sent(1600, now=1.5)  # the next reply: the cleared second is not ahead of it
+    ledger.mark_sent("c")
+    assert ledger.unplayed_ms(1.5) == pytest.approx(500)
+    assert ledger.mark_echoed("c", now=2.0) is True
+    assert ledger.round_trip.seconds == pytest.approx(0.3)
 
 
 class FakeClock:
@@ -155,3 +213,94 @@ async def test_late_messages_are_measured_as_gaps_the_caller_heard() -> None:
     assert player.gaps.counts[0] == 1  # the first: on time
     assert player.gaps.total == pytest.approx(0.15)
     assert player.gaps.counts[6] == 1  # in the (0.1, 0.2] s bucket
+
+
+async def test_the_lead_grows_by_the_round_trip_up_to_a_bound() -> None:
+    clock = FakeClock()
+    start = clock.now
+    sent: list[dict[str, object]] = []
+
+    async def send(text: str) -> None:
+        sent.append(json.loads(text))
+
+    player = Player(lead_ms=400, clock=clock)
+    player.attach("MZ1", send)
+    player.enqueue(b"\x00" * 8000 * 3)
+    await player.flush()
+    assert len([m for m in sent if m["event"] == "media"]) == 2  # 400 ms, the lead
+    assert player.lead_ms == 400
+    clock.now = start + 0.4  # 100 ms each way: the first 200 ms played until 0.3 there
+    assert player.on_mark("1") is True
+    assert player.lead_ms == pytest.approx(600)
+    await player.flush()
+    # 400 ms more: they reach Twilio at 0.5, as the second message ends, and from then on it
+    # holds the 400 ms lead whenever more arrives.
+    assert len([m for m in sent if m["event"] == "media"]) == 4
+    player.ledger.round_trip.observe(0.1, clock.now)  # (a faster sample wins at once)
+    assert player.lead_ms == pytest.approx(500)
+    player = Player(lead_ms=400, clock=clock)
+    player.ledger.round_trip.observe(1.5, clock.now)
+    assert player.lead_ms == MAX_LEAD_S * 1000  # a barge-in must not have seconds to clear
+    player = Player(lead_ms=2000, clock=clock)
+    player.ledger.round_trip.observe(0.5, clock.now)
+    assert player.lead_ms == 2000  # a longer lead asked for stays
+
+
+async def test_a_clear_reaches_audio_still_on_its_way_to_the_caller() -> None:
+    """Before the first echo the ledger cannot know the line's delay: until the mark echoes,
+    the audio may still be playing (or not even have arrived), so a barge-in must clear it."""
+    clock = FakeClock()
+    sent: list[str] = []
+
+    async def send(text: str) -> None:
+        sent.append(json.loads(text)["event"])
+
+    player = Player(lead_ms=400, clock=clock)
+    player.attach("MZ1", send)
+    player.enqueue(b"\x00" * 1600)
+    await player.flush()
+    clock.now += 0.25  # 200 ms later: on a 300 ms line Twilio is still playing it
+    assert player.busy()
+    assert await player.clear() is True
+    assert sent == ["media", "mark", "clear"]
+    assert player.on_mark("1") is False
+    assert not player.busy()
+
+
+async def test_a_reply_starts_with_one_message_that_outlasts_the_jitter() -> None:
+    """Twilio plays the first message as soon as it arrives: if it were 40 ms long, the next
+    one, 90 ms later by jitter, would leave a 50 ms silence."""
+    clock = FakeClock()
+    sent: list[dict[str, object]] = []
+
+    async def send(text: str) -> None:
+        sent.append(json.loads(text))
+
+    def media() -> list[int]:
+        """The length of each media message sent."""
+        return [len(base64.b64decode(m["media"]["payload"])) for m in sent if "media" in m]
+
+    player = Player(lead_ms=400, clock=clock)
+    player.attach("MZ1", send)
+    for sample in (0.2, 0.38):  # echoes that vary by 180 ms
+        player.ledger.round_trip.observe(sample, clock.now)
+    for _ in range(4):  # 160 ms of the model's 40 ms chunks
+        player.enqueue(b"\x00" * 320)
+        await player.flush()
+    assert media() == []
+    clock.now += 0.04
+    player.enqueue(b"\x00" * 320)
+    await player.flush()
+    assert media() == [1600]  # 180 ms gathered: one message
+    player.enqueue(b"\x00" * 320)
+    await player.flush()
+    assert media() == [1600, 320]  # the rest of the reply flows as it comes
+    assert player.gaps.counts[0] == 2  # a deliberate wait is no gap
+    # A reply shorter than the jitter waits no longer than the jitter.
+    clock.now += 10
+    player.enqueue(b"\x00" * 320)
+    await player.flush()
+    assert len(media()) == 2
+    clock.now += 0.181
+    await player.flush()
+    assert media()[2:] == [320]

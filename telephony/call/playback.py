@@ -1,9 +1,12 @@
 """Agent audio on its way to the caller: what Twilio still holds unplayed, and the paced sender.
 
 Twilio plays what we send at 8,000 bytes per second and echoes each `mark` once the audio
-before it has played, or at once when a `clear` empties its buffer. `PlaybackLedger` (pure)
-turns that into "how much is still unplayed right now"; `Player` (one task per call) sends
-agent audio only a short lead ahead of the caller's ear, so a barge-in has little to clear.
+before it has played, or at once when a `clear` empties its buffer. Every echo reaches us a
+network round trip after Twilio played the audio, and audio we send reaches Twilio part of a
+round trip later: `PlaybackLedger` (pure) learns that round trip from the echoes and turns them
+into "when will the echo of everything sent so far be back"; `Player` (one task per call) sends
+agent audio only a short lead ahead of the caller's ear, plus the round trip, so Twilio's buffer
+does not run dry on a slow line and a barge-in still has little to clear.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import asyncio
 import bisect
 import contextlib
 import logging
+import operator
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -19,7 +23,7 @@ from dataclasses import dataclass, field
 
 from ..twilio.media_stream import clear_message, mark_message, media_message
 
-__all__ = ["Histogram", "PlaybackLedger", "Player"]
+__all__ = ["Histogram", "PlaybackLedger", "Player", "RoundTrip"]
 
 BYTES_PER_SECOND = 8000
 MAX_MESSAGE_BYTES = 1600
@@ -27,6 +31,14 @@ MAX_MESSAGE_BYTES = 1600
 MAX_QUEUED_BYTES = 120 * BYTES_PER_SECOND
 """Agent audio waiting to be sent beyond two minutes is dropped (newest first) and counted:
 a model that far ahead of the caller is misbehaving, and memory must stay bounded."""
+MAX_LEAD_S = 1.5
+"""The round trip is added to the configured lead up to this total (a larger configured lead
+stays as it is): on a very slow line Twilio then runs a little short rather than holding seconds
+that a barge-in would have to clear."""
+ROUND_TRIP_WINDOW_S = 20.0
+"""How long a round-trip sample counts: a line that became slower is believed after this."""
+MAX_PRIME_S = MAX_MESSAGE_BYTES / BYTES_PER_SECOND
+"""The longest a reply's first message waits for more audio (see `Player`)."""
 
 log = logging.getLogger(__name__)
 
@@ -71,53 +83,112 @@ class UnknownMark(ValueError):
     """Twilio echoed a mark we never sent (or echoed one twice)."""
 
 
+class RoundTrip:
+    """The line's round trip, from samples that can only overstate it: the smallest sample of the
+    last `window_s` seconds (always counting the newest one), 0 before the first.
+
+    Jitter, queueing, a late server and an underrun at Twilio's end all make a sample larger,
+    never smaller, so the minimum is the line's own delay; the configured lead covers the
+    jitter on top of it once audio flows, and `jitter_s` says how large that jitter is."""
+
+    def __init__(self, window_s: float = ROUND_TRIP_WINDOW_S) -> None:
+        self._window = window_s
+        self._low: deque[tuple[float, float]] = deque()
+        """(when, seconds), increasing in both: a sample is dropped once a smaller one came
+        after it, as it can never be the minimum again."""
+        self._high: deque[tuple[float, float]] = deque()
+        """The same for the maximum: increasing in time, decreasing in seconds."""
+
+    def observe(self, seconds: float, now: float) -> None:
+        for samples, outlasts in ((self._low, operator.lt), (self._high, operator.gt)):
+            while samples and not outlasts(samples[-1][1], seconds):
+                samples.pop()
+            samples.append((now, seconds))
+            while samples[0][0] < now - self._window:
+                samples.popleft()
+
+    @property
+    def seconds(self) -> float:
+        return self._low[0][1] if self._low else 0.0
+
+    @property
+    def jitter_s(self) -> float:
+        """How far the samples spread: the line's jitter, both ways together."""
+        return self._high[0][1] - self._low[0][1] if self._low else 0.0
+
+
 class PlaybackLedger:
-    """Accounting of agent audio between us and the caller's ear. Times are monotonic seconds."""
+    """Accounting of agent audio between us and the caller's ear. Times are monotonic seconds
+    on our clock; Twilio's play position is only seen through mark echoes, a round trip late."""
 
     def __init__(self) -> None:
         self.sent_bytes = 0
-        self._playout_end = 0.0
-        self._pending: dict[str, int] = {}
+        self._earliest_end = 0.0
+        """When what was sent would finish playing if it reached Twilio the moment it left: the
+        line can only make it later. Never re-anchored (but reset by a clear), so an echo's
+        excess over it measures the round trip."""
+        self._echo_end = 0.0
+        """When the echo of the last audio sent is due."""
+        self._pending: dict[str, tuple[int, float]] = {}
+        """Per mark awaiting its echo: bytes sent before it, and `_earliest_end` then."""
         self._cleared: set[str] = set()
+        self.round_trip = RoundTrip()
         self.marks_sent = 0
         self.marks_played = 0
         self.marks_cleared = 0
 
     def sent(self, nbytes: int, now: float) -> None:
-        self._playout_end = max(now, self._playout_end) + nbytes / BYTES_PER_SECOND
+        duration = nbytes / BYTES_PER_SECOND
+        self._earliest_end = max(now, self._earliest_end) + duration
+        self._echo_end = max(now + self.round_trip.seconds, self._echo_end) + duration
         self.sent_bytes += nbytes
 
     def mark_sent(self, name: str) -> None:
-        self._pending[name] = self.sent_bytes
+        self._pending[name] = (self.sent_bytes, self._earliest_end)
         self.marks_sent += 1
 
     def mark_echoed(self, name: str, now: float) -> bool:
         """True when the audio before the mark was heard, False when a clear discarded it."""
         if name in self._cleared:
+            # Echoed by the clear, or played before it and echoed since: either way it says
+            # nothing about the round trip, and nothing of what was sent before it still plays.
             self._cleared.discard(name)
             self.marks_cleared += 1
             return False
-        position = self._pending.pop(name, None)
-        if position is None:
+        pending = self._pending.pop(name, None)
+        if pending is None:
             raise UnknownMark(f"mark {name!r:.60} was not sent or was already echoed")
+        position, earliest_end = pending
         self.marks_played += 1
-        # The echo pins down Twilio's play position exactly: re-anchor the estimate on it.
-        self._playout_end = now + (self.sent_bytes - position) / BYTES_PER_SECOND
+        self.round_trip.observe(max(0.0, now - earliest_end), now)
+        # The echo pins down Twilio's play position: re-anchor on it. Audio sent since cannot
+        # echo before the round trip allows, however early this echo came.
+        self._echo_end = max(
+            now + (self.sent_bytes - position) / BYTES_PER_SECOND,
+            self._earliest_end + self.round_trip.seconds,
+        )
         return True
 
     def cleared(self, now: float) -> None:
         self._cleared.update(self._pending)
         self._pending.clear()
-        self._playout_end = now
+        self._earliest_end = self._echo_end = now
 
     @property
-    def playout_end(self) -> float:
-        """When the audio sent so far will have finished playing (an estimate, re-anchored
-        by each mark echo)."""
-        return self._playout_end
+    def send_by(self) -> float:
+        """The last moment audio can leave and still reach Twilio before its buffer runs dry:
+        a round trip before the last audio's echo is due, as both delays lie between the two."""
+        return self._echo_end - self.round_trip.seconds
 
     def unplayed_ms(self, now: float) -> float:
-        return max(0.0, self._playout_end - now) * 1000
+        """Until the echo of everything sent is due: what Twilio holds, what is on its way
+        there, and the echo's way back (an estimate, re-anchored by each mark echo)."""
+        return max(0.0, self._echo_end - now) * 1000
+
+    def holds_audio(self, now: float) -> bool:
+        """The caller may not have heard all that was sent: until its mark echoes (or a clear
+        empties Twilio), audio may still be playing, or not even have arrived there."""
+        return bool(self._pending) or self.unplayed_ms(now) > 0
 
     @property
     def pending_marks(self) -> int:
@@ -127,8 +198,15 @@ class PlaybackLedger:
 class Player:
     """Paces agent audio to Twilio and clears it on barge-in. Owns one task, `run()`.
 
-    A message goes out whenever Twilio holds less than `lead_ms` unplayed, so it never holds
-    more than the lead plus one message (200 ms)."""
+    A message goes out whenever less than `lead_ms` plus the line's round trip is unplayed (see
+    `PlaybackLedger.unplayed_ms`): the round trip covers the audio in flight and the echoes'
+    delay, so what Twilio holds when a message arrives stays near `lead_ms` on any line, and a
+    clear arriving there finds at most that plus one message (200 ms).
+
+    Twilio plays a message as soon as it arrives when its buffer is empty, so at the start of a
+    reply a short first message would run out before jitter lets the next one in. That first
+    message waits until it holds the line's jitter in audio (up to `MAX_PRIME_S`, and no
+    longer than that in time): the model usually delivers that much in a fraction of it."""
 
     def __init__(self, *, lead_ms: int, clock: Callable[[], float] = time.monotonic) -> None:
         self.ledger = PlaybackLedger()
@@ -176,9 +254,17 @@ class Player:
     def queued_bytes(self) -> int:
         return self._queued
 
+    @property
+    def lead_ms(self) -> float:
+        """The lead kept now: the configured one plus the round trip, up to `MAX_LEAD_S`."""
+        return self._lead_s() * 1000
+
+    def _lead_s(self) -> float:
+        return max(self._lead, min(self._lead + self.ledger.round_trip.seconds, MAX_LEAD_S))
+
     def busy(self) -> bool:
-        """Agent audio is waiting to be sent or still playing at the caller's end."""
-        return bool(self._queue) or self.ledger.unplayed_ms(self._clock()) > 0
+        """Agent audio is waiting to be sent or may still be playing at the caller's end."""
+        return bool(self._queue) or self.ledger.holds_audio(self._clock())
 
     async def clear(self) -> bool:
         """Drop every unsent byte and empty Twilio's buffer; False when nothing was pending."""
@@ -188,7 +274,7 @@ class Player:
         self.dropped_bytes += dropped
         # After a media message already on its way, never before it: that one would play.
         async with self._sending:
-            if self._send is None or self.ledger.unplayed_ms(self._clock()) <= 0:
+            if self._send is None or not self.ledger.holds_audio(self._clock()):
                 return dropped > 0
             self.ledger.cleared(self._clock())
             self.clears += 1
@@ -198,23 +284,47 @@ class Player:
     def on_mark(self, name: str) -> bool:
         return self.ledger.mark_echoed(name, self._clock())
 
+    def _prime_s(self, now: float) -> float:
+        """How much audio the next message should gather before it goes: the jitter, when it
+        would reach Twilio after its buffer ran dry, else nothing."""
+        if now < self.ledger.send_by:
+            return 0.0
+        # Echoes show the downlink's jitter only once several replies have started (the
+        # excess of one reply's echoes all share its first message's delay): until then,
+        # assume it may reach the one-way delay.
+        trip = self.ledger.round_trip
+        return min(max(trip.jitter_s, trip.seconds / 2), MAX_PRIME_S)
+
     def _due(self) -> float:
         """Seconds until the next message may go (<= 0: now); inf when there is nothing to send."""
         if not self._queue or self._send is None:
             return float("inf")
-        return self.ledger.unplayed_ms(self._clock()) / 1000 - self._lead
+        now = self._clock()
+        prime = self._prime_s(now)
+        if self._queued / BYTES_PER_SECOND < prime:
+            return self._queue[0][0] + prime - now
+        return self.ledger.unplayed_ms(now) / 1000 - self._lead_s()
 
     async def flush(self) -> None:
         """Sends every message that is due now. The pump calls it right after enqueueing, so
         agent audio leaves in the same step it arrived in rather than one loop turn later."""
         async with self._sending:
             while (send := self._send) is not None and self._due() < 0:
+                now = self._clock()
                 queued_at, chunk = self._queue.popleft()
+                # A deliberate wait for a first message's audio is no gap the caller hears.
+                ready = max(self.ledger.send_by, queued_at + self._prime_s(now), self._attached_at)
+                # What is due now goes as one message: jitter can open no gap inside it.
+                room = (self._lead_s() - self.ledger.unplayed_ms(now) / 1000) * BYTES_PER_SECOND
+                while (
+                    self._queue
+                    and len(chunk) + len(self._queue[0][1]) <= MAX_MESSAGE_BYTES
+                    and len(chunk) < room
+                ):
+                    chunk += self._queue.popleft()[1]
                 self._queued -= len(chunk)
                 self._mark_seq += 1
                 name = str(self._mark_seq)
-                now = self._clock()
-                ready = max(self.ledger.playout_end, queued_at, self._attached_at)
                 self.gaps.observe(max(0.0, now - ready))
                 self.ledger.sent(len(chunk), now)
                 self.ledger.mark_sent(name)
