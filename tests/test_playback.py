@@ -304,3 +304,77 @@ async def test_a_reply_starts_with_one_message_that_outlasts_the_jitter() -> Non
     clock.now += 0.181
     await player.flush()
     assert media()[2:] == [320]
+
+
+def _media_audio(sent: list[dict[str, object]]) -> bytes:
+    return b"".join(
+        base64.b64decode(m["media"]["payload"])  # type: ignore[index]
+        for m in sent
+        if m["event"] == "media"
+    )
+
+
+async def test_a_hold_clears_twilio_and_resume_plays_on_from_where_the_caller_stopped() -> None:
+    """A cough over the agent: what the caller had not heard comes back, none of it twice."""
+    clock = FakeClock()
+    sent: list[dict[str, object]] = []
+
+    async def send(text: str) -> None:
+        sent.append(json.loads(text))
+
+    player = Player(lead_ms=400, clock=clock)
+    player.attach("MZ1", send)
+    reply = bytes(range(256)) * 40  # 1.28 s, every byte telling where it was
+    player.enqueue(reply)
+    await player.flush()  # 400 ms out
+    assert player.on_mark("1") is True  # the first 200 ms played...
+    clock.now += 0.3  # ...and 100 ms of the second
+    assert await player.hold() is True
+    assert sent[-1] == {"event": "clear", "streamSid": "MZ1"}
+    assert player.busy()
+    player.enqueue(b"\x01" * 800)  # the model goes on meanwhile: queued, not sent
+    await player.flush()
+    assert sent[-1]["event"] == "clear"
+    before = len(_media_audio(sent))
+    assert player.on_mark("2") is False  # echoed by the clear
+    player.resume()
+    echoed = {"1", "2"}
+    for _ in range(10):
+        await player.flush()
+        clock.now += 0.2
+        for m in [m for m in sent if m["event"] == "mark"]:
+            name = m["mark"]["name"]  # type: ignore[index]
+            if name not in echoed:
+                echoed.add(name)
+                assert player.on_mark(name) is True
+    resent = _media_audio(sent)[before:]
+    assert resent == reply[2400:] + b"\x01" * 800  # from 300 ms on, then what came meanwhile
+
+
+async def test_a_hold_then_clear_drops_the_held_audio() -> None:
+    clock = FakeClock()
+    sent: list[dict[str, object]] = []
+
+    async def send(text: str) -> None:
+        sent.append(json.loads(text))
+
+    player = Player(lead_ms=400, clock=clock)
+    player.attach("MZ1", send)
+    player.enqueue(b"\x00" * 8000)
+    await player.flush()
+    assert await player.hold() is True
+    assert await player.clear() is True  # the held second is dropped: a real interruption
+    assert player.queued_bytes == 0 and not player.holding
+    assert [m["event"] for m in sent].count("clear") == 1  # Twilio was emptied by the hold
+
+
+async def test_a_hold_with_nothing_playing_holds_nothing() -> None:
+    player = Player(lead_ms=400, clock=FakeClock())
+
+    async def send(text: str) -> None:
+        raise AssertionError("nothing to clear")
+
+    player.attach("MZ1", send)
+    assert await player.hold() is False
+    player.resume()
+    assert not player.busy()

@@ -229,6 +229,10 @@ class Player:
         """Audio refused because the queue was full."""
         self._queued = 0
         self.clears = 0
+        self._in_flight: deque[tuple[str, bytes]] = deque()
+        """Sent audio whose mark has not echoed yet, per mark: what a hold may have to resend."""
+        self.holding = False
+        """Sending is paused and Twilio's buffer was emptied: the caller may be interrupting."""
 
     def attach(self, stream_sid: str, send: Callable[[str], Awaitable[None]]) -> None:
         """The media stream is up: audio queued before it (the greeting) can now flow."""
@@ -262,6 +266,36 @@ class Player:
     def _lead_s(self) -> float:
         return max(self._lead, min(self._lead + self.ledger.round_trip.seconds, MAX_LEAD_S))
 
+    async def hold(self) -> bool:
+        """Stops the caller hearing the agent now, keeping what they have not heard at the head
+        of the queue (`resume` plays it from there, `clear` drops it); False when nothing was
+        playing."""
+        self.holding = True
+        async with self._sending:
+            now = self._clock()
+            if self._send is None or not self.ledger.holds_audio(now):
+                return False
+            # A clear sent now reaches Twilio a one-way trip later, and the play position it
+            # cuts at lies a round trip before the last echo is due.
+            trip = self.ledger.round_trip.seconds
+            unheard = int(max(0.0, self.ledger.unplayed_ms(now) / 1000 - trip) * BYTES_PER_SECOND)
+            sent = b"".join(chunk for _, chunk in self._in_flight)
+            held = sent[len(sent) - min(unheard, len(sent)) :]
+            self._in_flight.clear()
+            self.ledger.cleared(now)
+            self.clears += 1
+            await self._send(clear_message(self._stream_sid))
+        for i in range(len(held) - len(held) % MAX_MESSAGE_BYTES, -1, -MAX_MESSAGE_BYTES):
+            if piece := held[i : i + MAX_MESSAGE_BYTES]:
+                self._queue.appendleft((now, piece))
+        self._queued += len(held)
+        return True
+
+    def resume(self) -> None:
+        """Plays on from where the caller stopped hearing (see `hold`)."""
+        self.holding = False
+        self._wake.set()
+
     def busy(self) -> bool:
         """Agent audio is waiting to be sent or may still be playing at the caller's end."""
         return bool(self._queue) or self.ledger.holds_audio(self._clock())
@@ -272,17 +306,23 @@ class Player:
         self._queue.clear()
         self._queued = 0
         self.dropped_bytes += dropped
+        self.holding = False
         # After a media message already on its way, never before it: that one would play.
         async with self._sending:
             if self._send is None or not self.ledger.holds_audio(self._clock()):
                 return dropped > 0
+            self._in_flight.clear()
             self.ledger.cleared(self._clock())
             self.clears += 1
             await self._send(clear_message(self._stream_sid))
         return True
 
     def on_mark(self, name: str) -> bool:
-        return self.ledger.mark_echoed(name, self._clock())
+        played = self.ledger.mark_echoed(name, self._clock())
+        if played:
+            while self._in_flight and self._in_flight.popleft()[0] != name:
+                pass
+        return played
 
     def _prime_s(self, now: float) -> float:
         """How much audio the next message should gather before it goes: the jitter, when it
@@ -297,7 +337,7 @@ class Player:
 
     def _due(self) -> float:
         """Seconds until the next message may go (<= 0: now); inf when there is nothing to send."""
-        if not self._queue or self._send is None:
+        if not self._queue or self._send is None or self.holding:
             return float("inf")
         now = self._clock()
         prime = self._prime_s(now)
@@ -328,6 +368,7 @@ class Player:
                 self.gaps.observe(max(0.0, now - ready))
                 self.ledger.sent(len(chunk), now)
                 self.ledger.mark_sent(name)
+                self._in_flight.append((name, chunk))
                 await send(media_message(self._stream_sid, chunk))
                 await send(mark_message(self._stream_sid, name))
 
