@@ -268,12 +268,6 @@ async def test_go_away_when_idle_resumes_the_session(
     _resumed(connections)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: ADK 2.13 keeps the empty handle of a non-resumable update, so a go_away "
-    "mid-reply starts a fresh session, and the reply is dropped without turn_complete "
-    "(issue 11 §4)",
-)
 async def test_go_away_mid_reply_resumes_the_session_and_answers(
     server: RunningServer, gemini: GeminiLiveService
 ) -> None:
@@ -291,11 +285,6 @@ async def test_a_drop_while_holding_a_handle_resumes_the_session(
     _resumed(connections)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: a drop mid-reply leaves ADK with no handle; the restarted session gets the "
-    "history but nothing asks it to answer the caller's question (issue 11 §3, §4)",
-)
 async def test_a_drop_without_a_handle_restarts_and_the_question_is_answered(
     server: RunningServer, gemini: GeminiLiveService
 ) -> None:

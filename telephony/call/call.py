@@ -92,6 +92,9 @@ class CallOptions:
     model_stall_s: float = 15.0
     """The caller finished speaking and the model has said nothing at all for this long: the
     live session is taken as stalled and restarted."""
+    model_connections_per_minute: int = 6
+    """Live connections (the first, ADK's reconnects and restarts) allowed within any 60 s;
+    one more means the service keeps dropping us: the caller hears an apology and the call ends."""
 
 
 class Call:
@@ -119,8 +122,9 @@ class Call:
             user_id=info.caller or "unknown",
             session_id=info.call_sid,
             restarts=options.model_restarts,
+            connections_per_minute=options.model_connections_per_minute,
             on_event=self._on_model_event,
-            on_restart=lambda: self.turns.handle(SESSION_RESTARTED),
+            on_reconnect=self._on_reconnect,
             log=self._log,
         )
         self._inbound = InboundConverter()
@@ -161,6 +165,10 @@ class Call:
     @property
     def model_restarts(self) -> int:
         return self.live.restarts
+
+    @property
+    def model_reconnects(self) -> int:
+        return self.live.reconnects
 
     @property
     def caller_audio_dropped(self) -> int:
@@ -302,6 +310,14 @@ class Call:
         elif event.turn_complete:
             self.turns.handle(MODEL_TURN_COMPLETE)
         await self.player.flush()
+
+    def _on_reconnect(self) -> bool:
+        """A new live connection replaced the old one, whose turn ended without turn_complete:
+        the agent is not talking any more. True when the caller is owed an answer (they spoke
+        and none came, or it was cut off)."""
+        owed = self.turns.generating or self.turns.awaiting_reply_since is not None
+        self.turns.handle(SESSION_RESTARTED)
+        return owed
 
     def _on_agent_audio(self, pcm: bytes, mime_type: str) -> None:
         if mime_type.replace(" ", "") != AGENT_AUDIO_MIME:

@@ -1,21 +1,37 @@
 """A call's dealings with `Runner.run_live`: the live session, its input queue, and what to
-do when it fails.
+do when its connection fails.
 
-ADK reconnects by itself only in some cases (a go_away; a drop while it holds a resumption
-handle); anything else ends `run_live` with an error. The supervisor then restarts it on the
-same ADK session, so the transcript so far is kept, a bounded number of times in a row before
-the call gives up. A model that went quiet is restarted the same way (`restart`).
+ADK reconnects by itself after a go_away, and after a drop while it holds a resumption handle;
+anything else ends `run_live` with an error, and the supervisor restarts it on the same ADK
+session (resuming the model's session with the last handle when there is one). A model that went
+quiet is restarted the same way (`restart`). Three quirks of ADK 2.13 are absorbed here:
+
+- It keeps the empty handle of every non-resumable update, sent while the model generates, so a
+  reconnect mid-reply would open a fresh session with no context. `HandleKeeper` puts the last
+  resumable handle back.
+- A reconnect drops the reply in progress without a word, and a new connection answers neither
+  what it never heard nor replayed history. When the call says the caller is owed an answer
+  (`on_reconnect`) or the model was answering, what was sent since the model last completed a
+  turn goes to the new connection again.
+- Its reconnects are immediate and unbounded. Every connection, ADK's or ours, counts against a
+  per-minute budget; restarts back off exponentially; a spent budget ends the call.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
 
-from google.adk.agents.live_request_queue import LiveRequestQueue
+from google.adk.agents import BaseAgent
+from google.adk.agents.callback_context import CallbackContext
+from google.adk.agents.invocation_context import InvocationContext
+from google.adk.agents.live_request_queue import LiveRequest, LiveRequestQueue
 from google.adk.agents.run_config import RunConfig
 from google.adk.events import Event
+from google.adk.plugins import BasePlugin
 from google.adk.runners import Runner
 from google.genai import types
 
@@ -24,30 +40,151 @@ from .logs import CallLogger
 __all__ = [
     "CALLER_AUDIO_MIME",
     "CALLER_BACKLOG_LIMIT",
+    "CONNECTION_WINDOW_S",
+    "REPLAY_AUDIO_S",
+    "RESTART_BACKOFF_CAP_S",
+    "RESTART_BACKOFF_S",
     "CallerAudioQueue",
+    "HandleKeeper",
     "LiveSupervisor",
     "ModelStalled",
+    "ReconnectsExhausted",
 ]
 
 CALLER_AUDIO_MIME = "audio/pcm;rate=16000"
 CALLER_BACKLOG_LIMIT = 250
 """Requests (20 ms frames) waiting for the model beyond which caller audio is dropped."""
+REPLAY_AUDIO_S = 10.0
+"""At most this much of the caller's latest audio is sent again to a new connection."""
+CONNECTION_WINDOW_S = 60.0
+"""The window of the connection budget (`connections_per_minute`)."""
+RESTART_BACKOFF_S = 0.25
+RESTART_BACKOFF_CAP_S = 4.0
+"""A restart waits RESTART_BACKOFF_S, doubled for each other connection within the window, up
+to this."""
+_CALLER_AUDIO_BYTES_PER_S = 32000
 
 
 class ModelStalled(RuntimeError):
     """The live session went silent while the caller waited for an answer."""
 
 
+class ReconnectsExhausted(RuntimeError):
+    """The live connection was opened more often than the budget allows: the service keeps
+    accepting and dropping it."""
+
+
+class HandleKeeper(BasePlugin):
+    """Keeps ADK holding the last resumable handle of a supervised call.
+
+    ADK 2.13 stores the handle of every `sessionResumptionUpdate`, including the empty one of a
+    non-resumable update; a go_away or drop mid-reply then reconnects to a fresh session. A
+    plugin's `on_event_callback` runs in ADK's event path before the flow reads the next
+    message, so the handle is back before any reconnect can read it. It must be put back on the
+    agent's own context, a copy of the one plugins get with events: `before_agent_callback`
+    finds it.
+    """
+
+    NAME = "telephony_resumption_handle"
+
+    def __init__(self) -> None:
+        super().__init__(name=self.NAME)
+
+    @classmethod
+    def install(cls, runner: Runner) -> None:
+        """Once per runner, first (a plugin that answers a callback stops the ones after it);
+        it acts only on invocations fed by a `CallerAudioQueue`."""
+        if runner.plugin_manager.get_plugin(cls.NAME) is None:
+            runner.plugin_manager.plugins.insert(0, cls())
+
+    async def before_agent_callback(
+        self, *, agent: BaseAgent, callback_context: CallbackContext
+    ) -> types.Content | None:
+        context = callback_context._invocation_context  # what ADK's live flow runs with
+        queue = context.live_request_queue
+        if isinstance(queue, CallerAudioQueue):
+            queue.agent_context = context
+        return None
+
+    async def on_event_callback(
+        self, *, invocation_context: InvocationContext, event: Event
+    ) -> Event | None:
+        queue = invocation_context.live_request_queue
+        if isinstance(queue, CallerAudioQueue):
+            handle = queue.owner.observe(event)
+            if event.live_session_resumption_update is not None and queue.agent_context:
+                queue.agent_context.live_session_resumption_handle = handle
+        return None
+
+
 class CallerAudioQueue(LiveRequestQueue):
-    """ADK's queue never pushes back. When the model stops reading (a stall, a reconnect),
-    caller audio beyond 5 s of backlog is dropped, newest first, rather than piling up:
-    what the caller says once the model is back still gets through at once."""
+    """The queue ADK reads caller input from, as its supervisor sees it.
+
+    ADK never pushes back: when the model stops reading (a stall, a reconnect), caller audio
+    beyond 5 s of backlog is dropped, newest first, rather than piling up, so what the caller
+    says once the model is back still gets through at once. Requests to replay are served
+    before the backlog.
+
+    ADK reports no reconnect, but each connection that lives long enough reads this queue from
+    a sender task of its own, and ADK asks `closed` after every failed connection before it
+    reconnects: between them, each connection of the run is seen (one that fails unread right
+    after a go_away excepted).
+    """
+
+    def __init__(self, owner: LiveSupervisor) -> None:
+        super().__init__()
+        self.owner = owner
+        self.agent_context: InvocationContext | None = None
+        """The context of the agent reading this queue (its reconnects read the handle there)."""
+        self._replay: deque[LiveRequest] = deque()
+        self._sender: asyncio.Task[Any] | None = None
+        self._sender_connection = 0
+        """Which of the run's connections (from 1) `_sender` reads for."""
+        self._ended = 0
+        """The run's connections known to have ended."""
+        self._counted = 1
+        """The run's connections counted against the budget (the first when the run starts)."""
+
+    @property
+    def closed(self) -> bool:
+        """Also ADK's question after a failed connection: reconnect? Not on a spent budget."""
+        if super().closed:
+            return True
+        self._ended = self._current()
+        return self.owner.exhausted
 
     def offer(self, blob: types.Blob) -> bool:
         if self._queue.qsize() >= CALLER_BACKLOG_LIMIT:
             return False
         self.send_realtime(blob)
         return True
+
+    def replay(self, requests: Iterable[LiveRequest]) -> None:
+        """Sends these first (instead of any replay not sent yet: `requests` holds it too)."""
+        self._replay = deque(requests)
+
+    async def get(self) -> LiveRequest:
+        sender = asyncio.current_task()
+        if sender is not self._sender:
+            if self._sender is not None and self._sender_connection > self._ended:
+                self._ended = self._sender_connection  # it went without failing: a go_away
+            self._sender = sender
+            self._sender_connection = self._current()
+            if self._sender_connection > 1:
+                self.owner.reopened(self)
+        if self._replay:
+            return self._replay.popleft()
+        request = await super().get()
+        self.owner.sent(request)
+        return request
+
+    def _current(self) -> int:
+        """The connection in progress, counted against the budget the first time it is seen."""
+        current = self._ended + 1
+        if current > self._counted:
+            self._counted = current
+            self.owner.reconnected()
+        return current
 
 
 class LiveSupervisor:
@@ -61,26 +198,47 @@ class LiveSupervisor:
         user_id: str,
         session_id: str,
         restarts: int,
+        connections_per_minute: int,
         on_event: Callable[[Event], Awaitable[None]],
-        on_restart: Callable[[], None],
+        on_reconnect: Callable[[], bool],
         log: CallLogger,
     ) -> None:
+        """`on_reconnect` is told that a new connection replaced the old one, whose turn ended
+        without a word; it answers whether the caller is owed an answer."""
+        if connections_per_minute < 1:
+            raise ValueError("connections_per_minute must be at least 1")
+        HandleKeeper.install(runner)
         self._runner = runner
         self._run_config = run_config
         self._user_id = user_id
         self._session_id = session_id
         self._restarts = restarts
+        self._budget = connections_per_minute
         self._on_event = on_event
-        self._on_restart = on_restart
+        self._on_reconnect = on_reconnect
         self._log = log
-        self.queue = CallerAudioQueue()
+        self.queue = CallerAudioQueue(self)
         self._run: asyncio.Task[None] | None = None
+        self._failure: BaseException | None = None
         self._events = 0
-        self._stalled = ""
         self._dropping = False
+        self._handle: str | None = None
+        """The last resumable handle: a restart resumes the model's session with it."""
+        self._unanswered: deque[LiveRequest] = deque()
+        """Caller input sent since the model last completed a turn (an interrupted one does not
+        count), with `_unanswered_audio` bytes of audio. A new connection's first events (its
+        resumable handle) come before we see it: they must not count as an answer."""
+        self._unanswered_audio = 0
+        self._turn_interrupted = False
+        self._replying = False
+        """The model was answering (its reply may not have reached the call at all)."""
+        self._connections: deque[float] = deque()
+        """When each connection within the window was opened."""
         self.stopped = False
         """The call is over: a run that ends now is not restarted."""
         self.restarts = 0
+        self.reconnects = 0
+        """Connections opened after the first: ADK's own reconnects and our restarts."""
         self.caller_audio_dropped = 0
         """Caller frames dropped because the model was not reading them."""
 
@@ -100,19 +258,78 @@ class LiveSupervisor:
 
     def restart(self, reason: str) -> None:
         """Abandons the running live session (it is stuck) for a new one."""
-        if self._run is not None and not self._run.done():
-            self._stalled = reason
-            self._run.cancel()
+        self._abandon(ModelStalled(reason))
+
+    def observe(self, event: Event) -> str | None:
+        """Bookkeeping on each model event, in ADK's order; returns the handle ADK should hold:
+        the last resumable one, which a non-resumable update must not erase."""
+        update = event.live_session_resumption_update
+        if update is not None:
+            if update.new_handle and update.resumable is not False:
+                self._handle = update.new_handle
+            else:  # the service says so while it generates or runs a tool
+                self._replying = True
+        if event.content is not None:
+            self._replying = True
+        if event.interrupted:
+            self._turn_interrupted = True
+        if event.turn_complete:
+            if not self._turn_interrupted:
+                self._forget_unanswered()
+            self._turn_interrupted = False
+            self._replying = False
+        return self._handle
+
+    def sent(self, request: LiveRequest) -> None:
+        """Keeps caller input handed to ADK, for a new connection should the old one go."""
+        content = request.content
+        if request.close or (content and any(p.function_response for p in content.parts or [])):
+            return
+        self._unanswered.append(request)
+        if request.blob is not None and request.blob.data:
+            self._unanswered_audio += len(request.blob.data)
+        while self._unanswered_audio > REPLAY_AUDIO_S * _CALLER_AUDIO_BYTES_PER_S:
+            dropped = self._unanswered.popleft()
+            if dropped.blob is not None and dropped.blob.data:
+                self._unanswered_audio -= len(dropped.blob.data)
+
+    @property
+    def exhausted(self) -> bool:
+        """The connection budget is spent: no more reconnects."""
+        return isinstance(self._failure, ReconnectsExhausted)
+
+    def reconnected(self) -> None:
+        """ADK opened another connection for the running run_live."""
+        self.reconnects += 1
+        self._log("ADK reopened the live connection (%d reconnects so far)", self.reconnects)
+        if not self._count_connection():
+            self._abandon(self._exhausted())
+
+    def reopened(self, queue: CallerAudioQueue) -> None:
+        """A new connection reads `queue`: the old one's turn is over; the new one hears again
+        what went unanswered."""
+        asked = any(request.content is not None for request in self._unanswered)  # a text turn
+        owed = self._on_reconnect() or self._replying or asked
+        self._turn_interrupted = self._replying = False
+        if owed and self._unanswered:
+            queue.replay(self._unanswered)
+            self._log(
+                "sending the new connection the caller's unanswered input again (%.1f s of audio)",
+                self._unanswered_audio / _CALLER_AUDIO_BYTES_PER_S,
+            )
 
     async def run(self) -> BaseException | None:
         """Runs the live session, and again when it fails; returns None once it ends by itself
-        (or the call stopped it), the last error once it has failed too often in a row. Any
-        model event in between resets the count."""
+        (or the call stopped it), the last error once it has failed too often in a row (any
+        model event in between resets the count) or opened too many connections."""
         failures = 0
         while True:
+            if not self._count_connection():
+                return self._give_up(self._exhausted())
             self._events = 0
-            self._stalled = ""
-            run = asyncio.create_task(self._run_live(), name=f"live-{self._session_id}")
+            self._failure = None
+            resumed = self._handle
+            run = asyncio.create_task(self._run_live(resumed), name=f"live-{self._session_id}")
             self._run = run
             try:
                 await asyncio.wait({run})
@@ -121,40 +338,83 @@ class LiveSupervisor:
                 raise
             if self.stopped:
                 return None
-            error = ModelStalled(self._stalled) if run.cancelled() else run.exception()
+            # `_failure` is set whenever the run is cancelled, and wins over what the run raised
+            error = self._failure if self._failure is not None else run.exception()
             if error is None:
                 return None
+            if isinstance(error, ReconnectsExhausted):
+                return self._give_up(error)
             failures = 1 if self._events else failures + 1
             if failures > self._restarts:
-                self._log("live session failed for good: %r", error, level=logging.ERROR)
-                return error
+                return self._give_up(error)
+            if resumed and not self._events:
+                self._handle = None  # it may be what failed: next, a fresh session with history
+            delay = min(
+                RESTART_BACKOFF_CAP_S, RESTART_BACKOFF_S * 2 ** (len(self._connections) - 1)
+            )
             self._log(
-                "live session failed (%r); restarting it on the same session (%d of %d)",
+                "live session failed (%r); restarting it in %.2f s on the same session, %s "
+                "(%d of %d)",
                 error,
+                delay,
+                "resuming the model's session" if self._handle else "with the history",
                 failures,
                 self._restarts,
                 level=logging.WARNING,
             )
             self.restarts += 1
+            self.reconnects += 1
             self._new_queue()
-            await asyncio.sleep(0.2 * failures)
+            await asyncio.sleep(delay)
 
-    async def _run_live(self) -> None:
+    async def _run_live(self, handle: str | None) -> None:
+        run_config = self._run_config
+        if handle:  # ADK seeds its reconnects with a handle given here
+            resumption = run_config.session_resumption or types.SessionResumptionConfig()
+            run_config = run_config.model_copy(
+                update={"session_resumption": resumption.model_copy(update={"handle": handle})}
+            )
         async for event in self._runner.run_live(
             user_id=self._user_id,
             session_id=self._session_id,
             live_request_queue=self.queue,
-            run_config=self._run_config,
+            run_config=run_config,
         ):
             self._events += 1
             await self._on_event(event)
 
+    def _abandon(self, error: BaseException) -> None:
+        if self._run is not None and not self._run.done():
+            self._failure = error
+            self._run.cancel()
+
+    def _count_connection(self) -> bool:
+        """Counts a connection now; False once the window holds more than the budget."""
+        now = asyncio.get_running_loop().time()
+        self._connections.append(now)
+        while self._connections[0] <= now - CONNECTION_WINDOW_S:
+            self._connections.popleft()
+        return len(self._connections) <= self._budget
+
+    def _exhausted(self) -> ReconnectsExhausted:
+        return ReconnectsExhausted(
+            f"{len(self._connections)} live connections within {CONNECTION_WINDOW_S:.0f} s"
+        )
+
+    def _give_up(self, error: BaseException) -> BaseException:
+        self._log("live session failed for good: %r", error, level=logging.ERROR)
+        return error
+
+    def _forget_unanswered(self) -> None:
+        self._unanswered.clear()
+        self._unanswered_audio = 0
+
     def _new_queue(self) -> None:
         """A fresh queue for the new run_live: the old one is closed, and caller audio from
         the outage is not worth sending to a model that has moved on."""
-        old, self.queue = self.queue, CallerAudioQueue()
+        old, self.queue = self.queue, CallerAudioQueue(self)
         old.close()
-        self._on_restart()
+        self.reopened(self.queue)
 
     def close(self) -> None:
         self.stopped = True

@@ -19,6 +19,7 @@ class Metrics:
     calls_refused_total: int = 0
     barge_ins_total: int = 0
     model_restarts_total: int = 0
+    model_reconnects_total: int = 0
     caller_audio_dropped_s: float = 0.0
     agent_audio_dropped_s: float = 0.0
     gaps: Histogram = field(default_factory=Histogram)
@@ -45,6 +46,12 @@ class Metrics:
                 "telephony_model_restarts_total",
                 "Live sessions restarted after failing.",
                 self.model_restarts_total,
+            ),
+            *one(
+                "counter",
+                "telephony_model_reconnects_total",
+                "Live connections reopened mid-call (ADK's own reconnects and restarts).",
+                self.model_reconnects_total,
             ),
             *one(
                 "counter",

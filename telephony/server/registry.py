@@ -92,6 +92,7 @@ class CallRegistry:
         m.calls_total += 1
         m.barge_ins_total += call.barge_ins
         m.model_restarts_total += call.model_restarts
+        m.model_reconnects_total += call.model_reconnects
         m.caller_audio_dropped_s += call.caller_audio_dropped * 0.02
         m.agent_audio_dropped_s += call.player.overflow_bytes / 8000
         m.gaps.merge(call.player.gaps)

@@ -1,0 +1,129 @@
+"""Reconnects on the path production runs (the real server, ADK's Gemini, google-genai, TLS,
+the Gemini Live stand-in): the model's session survives a go_away or a drop mid-reply with its
+context, the caller's question is answered after any reconnect, and a service that keeps
+dropping the connection ends the call with an apology instead of a reconnect storm."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+from google.adk.agents.run_config import RunConfig
+
+from telephony import agents
+from telephony.call import asset
+from telephony.settings import Settings
+from telephony.testing.gemini_live import FaultPlan, GeminiLiveService
+
+from .audio_tools import best_correlation, pcm
+from .server import RunningServer, running_server
+from .test_realpath import (
+    _answered_across_a_reconnect,
+    _call,
+    _connections,
+    _core,
+    _greeted,
+    _hang_up,
+    _heard_after,
+    _resumed,
+    _say,
+    wait_until,
+)
+from .test_realpath import gemini as gemini  # the module fixtures, shared
+from .test_realpath import server as server
+
+
+@pytest.fixture(scope="module")
+def unresumable_server(
+    gemini: GeminiLiveService, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningServer]:
+    """The built-in agent without session resumption: no handle, so a drop ends run_live."""
+    phone_run_config = agents.phone_run_config
+
+    def without_resumption(settings: Settings) -> RunConfig:
+        return phone_run_config(settings).model_copy(update={"session_resumption": None})
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(agents, "phone_run_config", without_resumption)
+        with running_server(tmp_path_factory.mktemp("unresumable"), agent="") as running:
+            yield running
+
+
+def _metric(server: RunningServer, name: str) -> float:
+    with urllib.request.urlopen(f"{server.base_url}/metrics", timeout=5) as response:
+        lines = response.read().decode().splitlines()
+    return float(next(line.split()[1] for line in lines if line.startswith(f"{name} ")))
+
+
+async def test_a_drop_mid_reply_resumes_the_session_and_answers(
+    server: RunningServer, gemini: GeminiLiveService
+) -> None:
+    connections = await _answered_across_a_reconnect(
+        server, gemini, FaultPlan.drop(after_turns=1, chunks=10)
+    )
+    assert connections[0].close_code == 1006
+    _resumed(connections)
+
+
+CORE_START = 2400
+"""Where `_core` starts in its fixture (samples)."""
+
+
+async def test_after_a_go_away_mid_reply_the_answer_follows_within_a_second(
+    server: RunningServer, gemini: GeminiLiveService
+) -> None:
+    first = len(gemini.connections)
+    gemini.plan(FaultPlan.go_away(after_turns=1, chunks=10, time_left_s=0.5))
+    async with _call(server) as sim:
+        await _greeted(sim)
+        _, end = await _say(sim, "sunday")
+        await wait_until(lambda: len(gemini.connections) == first + 2, 5, "the reconnect")
+        reconnected = gemini.connections[-1].opened_at
+        await wait_until(lambda: _heard_after(sim, reconnected), 3, "the answer")
+        await sim.agent_quiet(0.8)
+        heard = sim.log.heard_pcm()[int((end - sim.log.started) * 8000) :]
+        score, offset = best_correlation(heard, _core("sunday"))
+        assert score > 0.9
+        await _hang_up(server, sim)
+    answered = end + (offset - CORE_START) / 8000  # where the repeated answer began
+    print(f"go_away mid-reply: the answer began {answered - reconnected:.2f} s after it")
+    assert 0 < answered - reconnected < 1.0
+
+
+async def test_a_drop_without_any_handle_restarts_and_the_question_is_answered(
+    unresumable_server: RunningServer, gemini: GeminiLiveService
+) -> None:
+    connections = await _answered_across_a_reconnect(
+        unresumable_server, gemini, FaultPlan.drop(after_turns=1, chunks=10)
+    )
+    assert len(connections) == 2
+    old, new = connections
+    assert old.resumed_handle is None and new.resumed_handle is None
+    assert old.text_turns[0] in new.text_turns  # the call so far came back as history
+
+
+async def test_a_service_that_accepts_then_drops_gets_an_apology_and_few_connections(
+    server: RunningServer, gemini: GeminiLiveService
+) -> None:
+    first = len(gemini.connections)
+    reconnects = await asyncio.to_thread(_metric, server, "telephony_model_reconnects_total")
+    gemini.always(FaultPlan.drop())
+    try:
+        started = time.monotonic()
+        async with _call(server) as sim:
+            await asyncio.wait_for(sim.closed.wait(), 10)
+            ended = time.monotonic() - started
+            heard = sim.log.heard_pcm()
+    finally:
+        gemini.always(None)
+    opened = [c for c in _connections(gemini, first) if c.opened_at - started <= 10]
+    print(f"accept-then-drop: {len(opened)} connections, call ended after {ended:.1f} s")
+    assert len(opened) <= 8
+    apology = pcm(asset("apology"))
+    assert best_correlation(heard, apology)[0] > 0.9
+    await wait_until(lambda: server.calls.get(sim.call_sid) is None, 5, "the call to be reaped")
+    after = await asyncio.to_thread(_metric, server, "telephony_model_reconnects_total")
+    assert after - reconnects >= 5
