@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"telephony: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     from .server.app import create_app
 

@@ -43,16 +43,27 @@ class Settings:
     """Record every call (JSON Lines + WAV) into this folder; empty: off (recordings hold
     personal data)."""
     playback_lead_ms: int = 400
-    """How far ahead of the caller's ear we let Twilio buffer agent audio."""
+    """How far ahead of the caller's ear we let Twilio buffer agent audio; the line's round
+    trip, learnt from mark echoes, is added to it (up to 1.5 s in all)."""
     barge_in_aggressiveness: int = 3
     barge_in_frames: int = 4
     """20 ms speech frames (out of the last 6) that count as the caller talking over the agent."""
+    barge_in_min_speech_ms: int = 500
+    """Caller speech over the agent holds its audio at once; only this much speech discards the
+    rest of its turn. Shorter sounds (a cough, an "mm-hm") resume it where it stopped."""
+    barge_in_resume_ms: int = 300
+    """Silence after a short sound over the agent before its held audio resumes."""
+    keys_idle_s: float = 2.0
+    """Key presses go to the model as one turn on `#` or after this long without a key."""
     caller_silence_ms: int = 1000
     """No media from the caller for this long ends the caller's audio stream for the model."""
     model_restarts: int = 3
     """Restarts of a failed live session before the caller hears an apology and is hung up."""
     model_stall_s: float = 15.0
     """The caller waits this long for any answer: the live session is restarted."""
+    model_connections_per_minute: int = 6
+    """Live connections a call may open within any 60 s (the first, ADK's reconnects after a
+    go_away or a drop, and restarts); one more ends the call with the apology."""
     max_calls: int = 0
     """Calls beyond this many at once are turned away with a busy message (0: no limit)."""
     max_loop_lag_ms: float = 50.0
@@ -111,10 +122,30 @@ class Settings:
             raise SettingsError("TELEPHONY_MAX_LOOP_BUSY must be between 0 and 1")
         if self.model_restarts < 0:
             raise SettingsError("TELEPHONY_MODEL_RESTARTS must be 0 or more")
+        if self.model_connections_per_minute < 1:
+            raise SettingsError("TELEPHONY_MODEL_CONNECTIONS_PER_MINUTE must be at least 1")
         if self.model_stall_s <= 0:
             raise SettingsError("TELEPHONY_MODEL_STALL_S must be positive")
         if self.playback_lead_ms < 40:
             raise SettingsError("TELEPHONY_PLAYBACK_LEAD_MS must be at least 40")
+        if self.caller_silence_ms < 100:
+            raise SettingsError("TELEPHONY_CALLER_SILENCE_MS must be at least 100")
+        if self.barge_in_min_speech_ms < 0:
+            raise SettingsError("TELEPHONY_BARGE_IN_MIN_SPEECH_MS must be 0 or more")
+        if not 20 <= self.barge_in_resume_ms <= 600:
+            raise SettingsError("TELEPHONY_BARGE_IN_RESUME_MS must be 20-600")
+        if self.keys_idle_s <= 0:
+            raise SettingsError("TELEPHONY_KEYS_IDLE_S must be positive")
+        if self.drain_s < 0 or self.stream_connect_timeout_s <= 0:
+            raise SettingsError(
+                "TELEPHONY_DRAIN_S must be 0 or more and TELEPHONY_STREAM_CONNECT_TIMEOUT_S "
+                "positive"
+            )
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise SettingsError(
+                "TELEPHONY_LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL, "
+                f"got {self.log_level!r}"
+            )
 
 
 def _check_origin(name: str, url: str) -> None:

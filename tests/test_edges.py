@@ -70,6 +70,14 @@ def test_settings_from_environment() -> None:
         ({"TELEPHONY_PUBLIC_URL": "https://x.com/voice"}, "bare origin"),
         ({"TELEPHONY_BARGE_IN_FRAMES": "9"}, "BARGE_IN_FRAMES"),
         ({"TELEPHONY_PLAYBACK_LEAD_MS": "10"}, "PLAYBACK_LEAD_MS"),
+        ({"TELEPHONY_CALLER_SILENCE_MS": "0"}, "CALLER_SILENCE_MS must be at least 100"),
+        ({"TELEPHONY_BARGE_IN_MIN_SPEECH_MS": "-1"}, "BARGE_IN_MIN_SPEECH_MS"),
+        ({"TELEPHONY_BARGE_IN_RESUME_MS": "0"}, "BARGE_IN_RESUME_MS must be 20-600"),
+        ({"TELEPHONY_KEYS_IDLE_S": "0"}, "KEYS_IDLE_S must be positive"),
+        ({"TELEPHONY_MODEL_CONNECTIONS_PER_MINUTE": "0"}, "CONNECTIONS_PER_MINUTE must be"),
+        ({"TELEPHONY_DRAIN_S": "-1"}, "DRAIN_S"),
+        ({"TELEPHONY_STREAM_CONNECT_TIMEOUT_S": "0"}, "STREAM_CONNECT_TIMEOUT_S"),
+        ({"TELEPHONY_LOG_LEVEL": "LOUD"}, "TELEPHONY_LOG_LEVEL must be DEBUG"),
     ],
 )
 def test_settings_errors_name_the_variable(env: dict[str, str], message: str) -> None:

@@ -215,7 +215,6 @@ async def test_a_key_press_reaches_the_model_and_is_answered(
     assert connection.text_turns[1:] == ["(The caller pressed 5 on the keypad.)"]
 
 
-@pytest.mark.xfail(strict=True, reason="defect: each key is a turn of its own (issue 11 §7)")
 async def test_keys_pressed_in_quick_succession_reach_the_model_as_one_turn(
     server: RunningServer, gemini: GeminiLiveService
 ) -> None:
@@ -294,11 +293,6 @@ async def test_a_drop_without_a_handle_restarts_and_the_question_is_answered(
     assert len(connections) == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: the model's transcription of the caller disarms the stall watch, which is "
-    "never re-armed (issue 11 §3)",
-)
 async def test_a_stalled_model_is_restarted_and_the_question_answered(
     server: RunningServer, gemini: GeminiLiveService
 ) -> None:
@@ -362,11 +356,6 @@ async def _reply_heard(server: RunningServer, **line: object) -> float:
     return heard / answer_s
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: 80 ms of sound clears the rest of the reply; the model, whose VAD does not "
-    "count a backchannel, does not repeat it (issue 11 §1)",
-)
 @pytest.mark.parametrize("sound", ["mm-hm", "cough"])
 async def test_a_backchannel_or_cough_loses_nothing_of_the_reply(
     server: RunningServer, gemini: GeminiLiveService, sound: str

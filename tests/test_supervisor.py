@@ -470,7 +470,8 @@ def test_a_reconnect_ends_the_agents_turn_and_says_whether_the_caller_waits() ->
         outcomes.append((call._on_reconnect(), call.turns.awaiting_reply_since is not None))
         return outcomes
 
-    assert run_virtual(main()) == [(False, False), (True, False), (True, False)]
+    # the caller still waits for an answer after it: the stall watch stays armed
+    assert run_virtual(main()) == [(False, False), (True, False), (True, True)]
 
 
 def test_metrics_count_reconnects() -> None:

@@ -8,77 +8,118 @@ from telephony.call.turns import (
     MODEL_INTERRUPTED,
     MODEL_TURN_COMPLETE,
     PLAY,
+    RESUME,
     SESSION_RESTARTED,
     CallerSpeechEnded,
     CallerSpeechStarted,
+    CallerVoice,
+    Hold,
     Interrupt,
-    ModelEvent,
+    ModelOutput,
     RestartModel,
     Tick,
     TurnState,
 )
 
+OVER_THE_AGENT = CallerSpeechStarted(1.0, agent_audible=True)
 
-def test_agent_audio_plays_until_the_caller_talks_over_it_then_the_rest_of_the_turn_is_dropped():
-    turns = TurnState(stall_s=15)
+
+def _talking(turns: TurnState) -> TurnState:
+    turns.handle(AGENT_AUDIO)
+    return turns
+
+
+def test_speech_over_the_agent_holds_its_audio_at_once() -> None:
+    turns = _talking(TurnState(stall_s=15))
+    assert turns.handle(OVER_THE_AGENT) == (Hold("caller speech"),)
+    assert turns.handle(AGENT_AUDIO) == (PLAY,)  # queued behind the hold, not lost
+
+
+def test_a_short_sound_resumes_the_held_audio_once_the_caller_is_quiet() -> None:
+    turns = _talking(TurnState(stall_s=15, min_speech_ms=500, resume_after_ms=300))
+    turns.handle(OVER_THE_AGENT)
+    assert turns.handle(CallerVoice(speech_ms=400, silence_ms=0)) == ()
+    assert turns.handle(CallerVoice(speech_ms=400, silence_ms=280)) == ()
+    assert turns.handle(CallerVoice(speech_ms=400, silence_ms=300)) == (RESUME,)
+    assert turns.handle(CallerSpeechEnded(2.0)) == ()  # already resumed
     assert turns.handle(AGENT_AUDIO) == (PLAY,)
-    assert turns.handle(CallerSpeechStarted(1.0, agent_audible=True)) == (
-        Interrupt("caller speech"),
-    )
+
+
+def test_enough_speech_interrupts_and_the_rest_of_the_turn_is_dropped() -> None:
+    turns = _talking(TurnState(stall_s=15, min_speech_ms=500))
+    turns.handle(OVER_THE_AGENT)
+    assert turns.handle(CallerVoice(speech_ms=480, silence_ms=0)) == ()
+    assert turns.handle(CallerVoice(speech_ms=500, silence_ms=0)) == (Interrupt("caller speech"),)
     assert turns.handle(AGENT_AUDIO) == ()
+    assert turns.handle(CallerVoice(speech_ms=900, silence_ms=0)) == ()  # decided once
     assert turns.handle(MODEL_TURN_COMPLETE) == ()
     assert turns.handle(AGENT_AUDIO) == (PLAY,)  # the next turn is heard
 
 
-def test_speech_while_the_agent_is_silent_interrupts_nothing():
+def test_a_caller_who_pauses_then_goes_on_still_interrupts() -> None:
+    turns = _talking(TurnState(stall_s=15))
+    turns.handle(OVER_THE_AGENT)
+    assert turns.handle(CallerVoice(speech_ms=200, silence_ms=300)) == (RESUME,)
+    assert turns.handle(CallerVoice(speech_ms=600, silence_ms=0)) == (Interrupt("caller speech"),)
+
+
+def test_the_end_of_a_short_utterance_resumes_if_nothing_did() -> None:
+    turns = _talking(TurnState(stall_s=15))
+    turns.handle(OVER_THE_AGENT)
+    assert turns.handle(CallerSpeechEnded(1.5)) == (RESUME,)
+
+
+def test_speech_while_the_agent_is_silent_holds_nothing() -> None:
     turns = TurnState(stall_s=15)
     assert turns.handle(CallerSpeechStarted(1.0, agent_audible=False)) == ()
+    assert turns.handle(CallerVoice(speech_ms=2000, silence_ms=0)) == ()
     assert turns.handle(AGENT_AUDIO) == (PLAY,)
 
 
-def test_a_finished_turn_still_playing_is_cleared_but_the_next_turn_is_not_discarded():
-    turns = TurnState(stall_s=15)
-    turns.handle(AGENT_AUDIO)
-    turns.handle(MODEL_TURN_COMPLETE)
-    assert turns.handle(CallerSpeechStarted(2.0, agent_audible=True)) == (
-        Interrupt("caller speech"),
-    )
-    assert turns.handle(AGENT_AUDIO) == (PLAY,)
-
-
-def test_the_model_reporting_an_interruption_clears_and_ends_its_turn():
-    turns = TurnState(stall_s=15)
-    turns.handle(AGENT_AUDIO)
+def test_the_model_reporting_an_interruption_clears_and_ends_its_turn() -> None:
+    turns = _talking(TurnState(stall_s=15))
     assert turns.handle(MODEL_INTERRUPTED) == (Interrupt("model interrupted"),)
     assert turns.handle(AGENT_AUDIO) == (PLAY,)
 
 
-def test_last_words_take_the_floor_for_good():
-    turns = TurnState(stall_s=15)
+def test_during_a_hold_the_models_interruption_leaves_the_decision_to_the_caller() -> None:
+    """Its VAD counts an "mm-hm" as a turn; what it generated before is still worth hearing."""
+    turns = _talking(TurnState(stall_s=15))
+    turns.handle(OVER_THE_AGENT)
+    assert turns.handle(MODEL_INTERRUPTED) == ()
+    assert turns.handle(CallerVoice(speech_ms=400, silence_ms=300)) == (RESUME,)
+
+
+def test_last_words_are_cut_by_nothing() -> None:
+    turns = _talking(TurnState(stall_s=15))
     turns.handle(CLOSING)
     assert turns.handle(AGENT_AUDIO) == ()
-    assert turns.handle(CallerSpeechStarted(1.0, agent_audible=True)) == ()
+    assert turns.handle(OVER_THE_AGENT) == ()
+    assert turns.handle(CallerVoice(speech_ms=2000, silence_ms=0)) == ()
+    assert turns.handle(MODEL_INTERRUPTED) == ()
 
 
-def test_a_restart_forgets_the_interrupted_turn():
-    turns = TurnState(stall_s=15)
-    turns.handle(AGENT_AUDIO)
-    turns.handle(CallerSpeechStarted(1.0, agent_audible=True))
+def test_a_restart_forgets_the_interrupted_turn() -> None:
+    turns = _talking(TurnState(stall_s=15))
+    turns.handle(OVER_THE_AGENT)
+    turns.handle(CallerVoice(speech_ms=600, silence_ms=0))
     turns.handle(SESSION_RESTARTED)
     assert turns.handle(AGENT_AUDIO) == (PLAY,)
 
 
-def test_a_model_silent_after_the_caller_spoke_is_restarted_once():
+def test_a_model_silent_after_the_caller_spoke_is_restarted_and_watched_again() -> None:
     turns = TurnState(stall_s=15)
     turns.handle(CallerSpeechEnded(10.0))
     turns.handle(CallerSpeechEnded(12.0))  # the wait started at the first end of speech
     assert turns.handle(Tick(24.9)) == ()
     assert turns.handle(Tick(25.0)) == (RestartModel(15.0),)
-    assert turns.handle(Tick(40.0)) == ()
+    turns.handle(SESSION_RESTARTED)
+    assert turns.handle(Tick(39.9)) == ()
+    assert turns.handle(Tick(40.0)) == (RestartModel(15.0),)  # the new session stalled too
 
 
-def test_any_model_event_answers_the_stall_watch():
+def test_only_model_output_answers_the_stall_watch() -> None:
     turns = TurnState(stall_s=15)
     turns.handle(CallerSpeechEnded(10.0))
-    turns.handle(ModelEvent(11.0))
+    turns.handle(ModelOutput(11.0))
     assert turns.handle(Tick(30.0)) == ()

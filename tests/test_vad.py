@@ -93,3 +93,15 @@ def test_accepts_any_chunk_size() -> None:
     for i in range(0, len(audio), 333):
         pieces += vad.feed(audio[i : i + 333])
     assert pieces == whole and whole
+
+
+def test_speech_and_trailing_silence_are_measured_while_speaking() -> None:
+    vad = VoiceActivityDetector()
+    speech = InboundConverter().convert(b"\xff" * 1600 + fixture("time") + b"\xff" * 4000)
+    longest = 0
+    for i in range(0, len(speech), 640):
+        vad.feed(speech[i : i + 640])
+        if vad.speaking:
+            longest = max(longest, vad.speech_ms)
+            assert vad.silence_ms <= 600
+    assert 850 <= longest <= 1000  # "What time is it?": about 0.9 s of speech

@@ -68,12 +68,23 @@ class VoiceActivityDetector:
         self._floor = 0.0
         self._energies: deque[float] = deque(maxlen=STEADY_FRAMES)
         self._warmup_frames = warmup_ms // FRAME_MS
+        self._onset_frame = 0
         self.speaking = False
 
     @property
     def offset_ms(self) -> int:
         """How much audio has been analysed so far."""
         return self._frames * FRAME_MS
+
+    @property
+    def speech_ms(self) -> int:
+        """While speaking: from the onset to the end of the last speech frame."""
+        return (self._frames - self._silent_run - self._onset_frame) * FRAME_MS
+
+    @property
+    def silence_ms(self) -> int:
+        """While speaking: how long since the last speech frame (the end rule waits `end_ms`)."""
+        return self._silent_run * FRAME_MS
 
     def feed(self, pcm16_16k: bytes) -> list[SpeechStart | SpeechEnd]:
         data = self._pending + pcm16_16k if self._pending else pcm16_16k
@@ -94,7 +105,8 @@ class VoiceActivityDetector:
                     self.speaking = True
                     self._silent_run = 0
                     first = len(self._recent) - list(self._recent).index(True)
-                    events.append(SpeechStart((self._frames - first) * FRAME_MS))
+                    self._onset_frame = self._frames - first
+                    events.append(SpeechStart(self._onset_frame * FRAME_MS))
             elif is_speech:
                 self._silent_run = 0
             else:

@@ -28,6 +28,7 @@ from google.adk.runners import Runner
 from ..audio import InboundConverter, OutboundConverter
 from ..audio.vad import SpeechStart, VoiceActivityDetector
 from ..twilio.media_stream import Dtmf, InboundEvent, Mark, Media, Start, Stop
+from .keys import KeyBuffer, keys_text
 from .logs import CallLogger
 from .playback import Player, UnknownMark
 from .recording import CallRecorder
@@ -41,9 +42,12 @@ from .turns import (
     Action,
     CallerSpeechEnded,
     CallerSpeechStarted,
+    CallerVoice,
+    Hold,
     Interrupt,
-    ModelEvent,
+    ModelOutput,
     RestartModel,
+    Resume,
     Tick,
     TurnState,
 )
@@ -80,6 +84,12 @@ class CallOptions:
     playback_lead_ms: int = 400
     barge_in_aggressiveness: int = 3
     barge_in_frames: int = 4
+    barge_in_min_speech_ms: int = 500
+    """Speech over the agent holds its audio at once; this much discards the rest of its turn."""
+    barge_in_resume_ms: int = 300
+    """Silence after a shorter sound over the agent before its held audio plays on."""
+    keys_idle_s: float = 2.0
+    """Key presses go to the model as one turn on `#` or after this long without a key."""
     caller_silence_ms: int = 1000
     greeting: str | None = None
     record_dir: Path | None = None
@@ -115,7 +125,12 @@ class Call:
         self._options = options
         self._clock = clock
         self._log = CallLogger(info.call_sid, mask=options.mask_callers)
-        self.turns = TurnState(stall_s=options.model_stall_s)
+        self.turns = TurnState(
+            stall_s=options.model_stall_s,
+            min_speech_ms=options.barge_in_min_speech_ms,
+            resume_after_ms=options.barge_in_resume_ms,
+        )
+        self._keys = KeyBuffer(idle_s=options.keys_idle_s)
         self.live = LiveSupervisor(
             runner,
             run_config,
@@ -143,6 +158,8 @@ class Call:
         self._tasks: list[asyncio.Task[None]] = []
         self._closing: asyncio.Task[None] | None = None
         self.barge_ins = 0
+        self.false_barge_ins = 0
+        """Holds that ended in the agent playing on (a cough, an "mm-hm", a short noise)."""
         self.recorder: CallRecorder | None = None
         if options.record_dir:
             try:
@@ -220,8 +237,9 @@ class Call:
             except UnknownMark as exc:
                 self._log("ignored mark: %s", exc, level=logging.WARNING)
         elif isinstance(event, Dtmf):
-            self._log("caller pressed %s", self._log.digit(event.digit))
-            self.live.send_text(f"(The caller pressed {event.digit} on the keypad.)")
+            self._log("caller pressed %s", self._log.keys(event.digit))
+            if (keys := self._keys.press(event.digit, self._clock())) is not None:
+                self._send_keys(keys)
         elif isinstance(event, Stop):
             await self.close("caller hung up (stop)")
 
@@ -237,10 +255,25 @@ class Call:
             else:
                 turn = CallerSpeechEnded(now)
             await self._act(self.turns.handle(turn))
+        if self.turns.watching:
+            vad = self._vad
+            await self._act(self.turns.handle(CallerVoice(vad.speech_ms, vad.silence_ms)))
+
+    def _send_keys(self, keys: str) -> None:
+        self._log("keys to the model: %s", self._log.keys(keys))
+        self.live.send_text(keys_text(keys))
 
     async def _act(self, actions: tuple[Action, ...]) -> None:
         for action in actions:
-            if isinstance(action, Interrupt):
+            if isinstance(action, Hold):
+                if await self.player.hold():
+                    self._log("holding agent audio (%s)", action.source)
+            elif isinstance(action, Resume):
+                if self.player.holding:
+                    self.false_barge_ins += 1
+                    self._log("no interruption after all: agent audio plays on")
+                self.player.resume()
+            elif isinstance(action, Interrupt):
                 self._outbound = OutboundConverter()
                 if await self.player.clear():
                     self.barge_ins += 1
@@ -255,7 +288,10 @@ class Call:
         period = self._options.caller_silence_ms / 4000
         while True:
             await asyncio.sleep(period)
-            await self._act(self.turns.handle(Tick(self._clock())))
+            now = self._clock()
+            await self._act(self.turns.handle(Tick(now)))
+            if (keys := self._keys.due(now)) is not None:
+                self._send_keys(keys)
             if (
                 self.stream_sid
                 and not self._caller_audio_ended
@@ -294,12 +330,17 @@ class Call:
     async def _on_model_event(self, event: Event) -> None:
         if self.recorder is not None:
             self.recorder.model_event(event)
-        self.turns.handle(ModelEvent(self._clock()))
+        answered = bool(event.output_transcription and event.output_transcription.text)
         if event.content and event.content.parts:
             for part in event.content.parts:
                 blob = part.inline_data
                 if blob and blob.data and (blob.mime_type or "").startswith("audio/pcm"):
+                    answered = True
                     self._on_agent_audio(blob.data, blob.mime_type or "")
+                elif part.function_call:
+                    answered = True
+        if answered:
+            self.turns.handle(ModelOutput(self._clock()))
         if event.input_transcription and event.input_transcription.finished:
             self._log("caller said: %s", self._log.words(event.input_transcription.text or ""))
         if event.output_transcription and event.output_transcription.finished:

@@ -40,5 +40,7 @@ class CallLogger:
     def words(self, text: str) -> str:
         return f"({len(text)} characters)" if self.mask else text
 
-    def digit(self, digit: str) -> str:
-        return "a key" if self.mask else digit
+    def keys(self, keys: str) -> str:
+        if not self.mask:
+            return keys
+        return "a key" if len(keys) == 1 else f"{len(keys)} keys"

@@ -3,8 +3,16 @@
 The way h11 keeps HTTP apart from sockets, `TurnState` keeps turn-taking apart from tasks,
 queues and ADK: the call reports what happened (`handle(event)`) and carries out the actions it
 gets back. Every decision about barge-in, discarding an interrupted turn and a model that
-stopped answering is made here, so it is tested with values in and values out, and a new
-policy (a provisional barge-in, what the caller heard) has one place to live.
+stopped answering is made here, so it is tested with values in and values out.
+
+Barge-in is provisional. Gemini has no "cancel": when the caller coughs or says "mm-hm" over
+a reply, a model that does not count it as a turn simply goes on, and a reply we threw away
+is lost. So the moment our VAD hears the caller over the agent, the agent's audio is held
+(Twilio's buffer is cleared, the unplayed audio kept); only once the caller has spoken for
+`min_speech_ms` is the rest of the turn discarded. Shorter sounds (an "mm-hm" is about
+400 ms of speech, a cough 150 ms) resume the held audio from where the caller stopped
+hearing it, once they have been quiet for `resume_after_ms`. 500 ms is also LiveKit Agents'
+default minimum interruption.
 """
 
 from __future__ import annotations
@@ -17,19 +25,23 @@ __all__ = [
     "MODEL_INTERRUPTED",
     "MODEL_TURN_COMPLETE",
     "PLAY",
+    "RESUME",
     "SESSION_RESTARTED",
     "Action",
     "AgentAudio",
     "CallerSpeechEnded",
     "CallerSpeechStarted",
+    "CallerVoice",
     "Closing",
     "Event",
+    "Hold",
     "Interrupt",
-    "ModelEvent",
     "ModelInterrupted",
+    "ModelOutput",
     "ModelTurnComplete",
     "Play",
     "RestartModel",
+    "Resume",
     "SessionRestarted",
     "Tick",
     "TurnState",
@@ -49,13 +61,24 @@ class CallerSpeechStarted:
 
 
 @dataclass(frozen=True, slots=True)
+class CallerVoice:
+    """Where the caller's current utterance stands (reported while it may be a barge-in)."""
+
+    speech_ms: int
+    """From its onset to the end of its last speech frame."""
+    silence_ms: int
+    """Since its last speech frame."""
+
+
+@dataclass(frozen=True, slots=True)
 class CallerSpeechEnded:
     at: float
 
 
 @dataclass(frozen=True, slots=True)
-class ModelEvent:
-    """Anything at all from the live session (it is alive)."""
+class ModelOutput:
+    """The model answered: audio, its own transcript, or a tool call. (Its transcript of the
+    caller is no answer: a stalled model may still transcribe.)"""
 
     at: float
 
@@ -82,7 +105,7 @@ class SessionRestarted:
 
 @dataclass(frozen=True, slots=True)
 class Closing:
-    """The call is saying its last words: no agent audio and no barge-in any more."""
+    """The call is saying its last words: nothing the caller or the model does cuts them."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,8 +115,9 @@ class Tick:
 
 Event = (
     CallerSpeechStarted
+    | CallerVoice
     | CallerSpeechEnded
-    | ModelEvent
+    | ModelOutput
     | AgentAudio
     | ModelInterrupted
     | ModelTurnComplete
@@ -113,15 +137,28 @@ CLOSING = Closing()
 
 
 @dataclass(frozen=True, slots=True)
+class Hold:
+    """Stop the caller hearing the agent now (clear Twilio's buffer), keeping what they have
+    not heard: this may be no interruption at all."""
+
+    source: str
+
+
+@dataclass(frozen=True, slots=True)
+class Resume:
+    """It was no interruption: play the held audio from where the caller stopped hearing it."""
+
+
+@dataclass(frozen=True, slots=True)
 class Interrupt:
-    """Stop the caller hearing the agent now: clear Twilio's buffer and what waits to be sent."""
+    """The caller has the floor: clear Twilio's buffer and drop the rest of the agent's turn."""
 
     source: str
 
 
 @dataclass(frozen=True, slots=True)
 class Play:
-    """Send this chunk of agent audio to the caller."""
+    """Send this chunk of agent audio to the caller (held back while a barge-in is decided)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,23 +168,34 @@ class RestartModel:
     waited_s: float
 
 
-Action = Interrupt | Play | RestartModel
+Action = Hold | Resume | Interrupt | Play | RestartModel
 
 PLAY = Play()
+RESUME = Resume()
 _NOTHING: tuple[Action, ...] = ()
 _PLAY: tuple[Action, ...] = (PLAY,)
+_RESUME: tuple[Action, ...] = (RESUME,)
 
 
 class TurnState:
     """One call's turn-taking, driven by `handle`."""
 
-    def __init__(self, *, stall_s: float) -> None:
+    def __init__(
+        self, *, stall_s: float, min_speech_ms: int = 500, resume_after_ms: int = 300
+    ) -> None:
         self.stall_s = stall_s
+        self.min_speech_ms = min_speech_ms
+        self.resume_after_ms = resume_after_ms
         self.generating = False
         """The model is sending a turn's audio."""
         self.discarding = False
         """The caller cut the model off: the rest of its turn is not played."""
         self.closing = False
+        self.holding = False
+        """The agent's audio is held back while we find out whether the caller interrupts."""
+        self.watching = False
+        """The caller started speaking over the agent and has not finished: it may yet
+        become an interruption."""
         self.awaiting_reply_since: float | None = None
         """When the caller finished speaking to a model that has not answered since."""
 
@@ -158,15 +206,36 @@ class TurnState:
                     return _NOTHING
                 self.generating = True
                 return _PLAY
-            case ModelEvent():
+            case CallerVoice(speech_ms=speech, silence_ms=silence):
+                if not self.watching:
+                    return _NOTHING
+                if speech >= self.min_speech_ms:
+                    self.watching = self.holding = False
+                    return self._interrupt("caller speech")
+                if self.holding and silence >= self.resume_after_ms:
+                    self.holding = False
+                    return _RESUME
+            case ModelOutput():
                 self.awaiting_reply_since = None
             case CallerSpeechStarted(agent_audible=audible):
                 if audible and not self.closing:
-                    return self._interrupt("caller speech")
+                    self.watching = self.holding = True
+                    return (Hold("caller speech"),)
             case CallerSpeechEnded(at=at):
+                self.watching = False
                 if self.awaiting_reply_since is None:
                     self.awaiting_reply_since = at
+                if self.holding:
+                    self.holding = False
+                    return _RESUME
             case ModelInterrupted():
+                if self.closing:
+                    return _NOTHING
+                if self.watching:
+                    # Its VAD heard the caller too; whether the turn is lost is ours to say
+                    # (by how long they speak): keep what it generated until then.
+                    self._end_turn()
+                    return _NOTHING
                 actions = self._interrupt("model interrupted")
                 self._end_turn()
                 return actions
@@ -174,13 +243,13 @@ class TurnState:
                 self._end_turn()
             case SessionRestarted():
                 self._end_turn()
-                self.awaiting_reply_since = None
             case Closing():
                 self.closing = True
+                self.watching = self.holding = False
             case Tick(now=now):
                 since = self.awaiting_reply_since
                 if since is not None and now - since >= self.stall_s:
-                    self.awaiting_reply_since = None
+                    self.awaiting_reply_since = now  # still waiting: watch the next session
                     return (RestartModel(now - since),)
         return _NOTHING
 

@@ -54,11 +54,15 @@ def create_app(settings: Settings, spec: AgentSpec | None = None) -> Quart:
         playback_lead_ms=settings.playback_lead_ms,
         barge_in_aggressiveness=settings.barge_in_aggressiveness,
         barge_in_frames=settings.barge_in_frames,
+        barge_in_min_speech_ms=settings.barge_in_min_speech_ms,
+        barge_in_resume_ms=settings.barge_in_resume_ms,
+        keys_idle_s=settings.keys_idle_s,
         caller_silence_ms=settings.caller_silence_ms,
         greeting=spec.greeting,
         record_dir=Path(settings.record_dir) if settings.record_dir else None,
         model_restarts=settings.model_restarts,
         model_stall_s=settings.model_stall_s,
+        model_connections_per_minute=settings.model_connections_per_minute,
         mask_callers=settings.mask_callers,
     )
     calls = CallRegistry(

@@ -12,6 +12,6 @@ from .app import create_app
 load_dotenv()
 settings = Settings.from_env()
 logging.basicConfig(
-    level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
 )
 app = create_app(settings)

@@ -18,6 +18,7 @@ class Metrics:
     calls_total: int = 0
     calls_refused_total: int = 0
     barge_ins_total: int = 0
+    false_barge_ins_total: int = 0
     model_restarts_total: int = 0
     model_reconnects_total: int = 0
     caller_audio_dropped_s: float = 0.0
@@ -40,7 +41,19 @@ class Metrics:
                 "Calls turned away (capacity or shutdown).",
                 self.calls_refused_total,
             ),
-            *one("counter", "telephony_barge_ins_total", "Clears sent.", self.barge_ins_total),
+            *one(
+                "counter",
+                "telephony_barge_ins_total",
+                "Agent turns the caller cut off (the rest was discarded).",
+                self.barge_ins_total,
+            ),
+            *one(
+                "counter",
+                "telephony_false_barge_ins_total",
+                "Sounds over the agent too short to interrupt it: its audio was held, then "
+                "played on.",
+                self.false_barge_ins_total,
+            ),
             *one(
                 "counter",
                 "telephony_model_restarts_total",

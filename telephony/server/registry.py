@@ -91,6 +91,7 @@ class CallRegistry:
         m = self.metrics
         m.calls_total += 1
         m.barge_ins_total += call.barge_ins
+        m.false_barge_ins_total += call.false_barge_ins
         m.model_restarts_total += call.model_restarts
         m.model_reconnects_total += call.model_reconnects
         m.caller_audio_dropped_s += call.caller_audio_dropped * 0.02
