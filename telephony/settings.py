@@ -51,7 +51,7 @@ class Settings:
     barge_in_min_speech_ms: int = 500
     """Caller speech over the agent holds its audio at once; only this much speech discards the
     rest of its turn. Shorter sounds (a cough, an "mm-hm") resume it where it stopped."""
-    barge_in_resume_ms: int = 300
+    barge_in_resume_ms: int = 600
     """Silence after a short sound over the agent before its held audio resumes."""
     keys_idle_s: float = 2.0
     """Key presses go to the model as one turn on `#` or after this long without a key."""

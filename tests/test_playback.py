@@ -8,7 +8,14 @@ import json
 
 import pytest
 
-from telephony.call.playback import MAX_LEAD_S, PlaybackLedger, Player, RoundTrip, UnknownMark
+from telephony.call.playback import (
+    ECHO_WINDOW_S,
+    MAX_LEAD_S,
+    PlaybackLedger,
+    Player,
+    RoundTrip,
+    UnknownMark,
+)
 
 
 def test_ledger_tracks_unplayed_audio_by_clock_and_marks() -> None:
@@ -378,3 +385,21 @@ async def test_a_hold_with_nothing_playing_holds_nothing() -> None:
     assert await player.hold() is False
     player.resume()
     assert not player.busy()
+
+
+async def test_the_loudest_recent_agent_audio_is_known_until_its_echo_could_be_over() -> None:
+    clock = FakeClock()
+
+    async def send(text: str) -> None:
+        pass
+
+    player = Player(lead_ms=400, clock=clock)
+    player.attach("MZ1", send)
+    player.enqueue(b"\x80" * 1600)  # the loudest mu-law
+    await player.flush()
+    loud = player.loudest_recent(clock.now)
+    assert loud > 0.9 * 32124**2
+    clock.now += 0.4 + ECHO_WINDOW_S - 0.01
+    assert player.loudest_recent(clock.now) == loud  # its echo may still come back
+    clock.now += 0.02
+    assert player.loudest_recent(clock.now) == 0.0

@@ -175,15 +175,23 @@ async def test_greeting_and_two_turns(server: RunningServer, gemini: GeminiLiveS
     assert _sent(connection, "interrupted") == 0
 
 
-@pytest.mark.parametrize(("into_reply_s", "model_generating"), [(0.25, True), (2.0, False)])
+@pytest.mark.parametrize(
+    ("into_reply_s", "model_generating", "echo"),
+    [(0.25, True, None), (2.0, False, None), (2.0, None, Echo(level_db=-25.0, delay_s=0.15))],
+)
 async def test_barge_in(
-    server: RunningServer, gemini: GeminiLiveService, into_reply_s: float, model_generating: bool
+    server: RunningServer,
+    gemini: GeminiLiveService,
+    into_reply_s: float,
+    model_generating: bool | None,
+    echo: Echo | None,
 ) -> None:
     """Early (the model is still generating: it reports the interruption too) and late (it has
-    finished: only our VAD can tell). Either way Twilio is cleared within 300 ms of onset, the
-    caller hears at most 350 ms of agent audio after it, and then the answer to what they said."""
+    finished: only our VAD can tell), and over a speakerphone's echo. Either way Twilio is
+    cleared within 300 ms of onset, the caller hears at most 350 ms of agent audio after it, and
+    then the answer to what they said."""
     first = len(gemini.connections)
-    async with _call(server) as sim:
+    async with _call(server, echo=echo) as sim:
         await _greeted(sim)
         _, end = await _say(sim, "hello")
         await wait_until(lambda: _heard_after(sim, end), 3, "the answer")
@@ -198,7 +206,8 @@ async def test_barge_in(
         assert _echo_score(sim, barge_end, "stop") > 0.9
         await _hang_up(server, sim)
     [connection] = _connections(gemini, first)
-    assert bool(_sent(connection, "interrupted")) == model_generating
+    if model_generating is not None:  # the model's VAD may hear the echo: no telling
+        assert bool(_sent(connection, "interrupted")) == model_generating
 
 
 async def test_a_key_press_reaches_the_model_and_is_answered(
@@ -366,9 +375,9 @@ async def test_a_backchannel_or_cough_loses_nothing_of_the_reply(
 
 @pytest.mark.xfail(
     strict=True,
-    reason="defect: the agent's own voice echoed back at -25 dB counts as the caller talking "
-    "over it: the greeting is cleared, and the end of that 'speech' arms the stall watch, "
-    "whose restart loses the caller's question (issue 11 §1, §3)",
+    reason="defect: our VAD now ignores the agent's echo, but the model's own VAD hears it at "
+    "-25 dB and cuts its reply (the stand-in does, as a real one may); keeping echo from the "
+    "model without false turns needs an echo suppressor with comfort noise (issue 11 §1)",
 )
 async def test_a_handset_echo_of_the_agent_never_interrupts_it(
     server: RunningServer, gemini: GeminiLiveService

@@ -57,7 +57,7 @@ def test_enough_speech_interrupts_and_the_rest_of_the_turn_is_dropped() -> None:
 
 
 def test_a_caller_who_pauses_then_goes_on_still_interrupts() -> None:
-    turns = _talking(TurnState(stall_s=15))
+    turns = _talking(TurnState(stall_s=15, resume_after_ms=300))
     turns.handle(OVER_THE_AGENT)
     assert turns.handle(CallerVoice(speech_ms=200, silence_ms=300)) == (RESUME,)
     assert turns.handle(CallerVoice(speech_ms=600, silence_ms=0)) == (Interrupt("caller speech"),)
@@ -84,7 +84,7 @@ def test_the_model_reporting_an_interruption_clears_and_ends_its_turn() -> None:
 
 def test_during_a_hold_the_models_interruption_leaves_the_decision_to_the_caller() -> None:
     """Its VAD counts an "mm-hm" as a turn; what it generated before is still worth hearing."""
-    turns = _talking(TurnState(stall_s=15))
+    turns = _talking(TurnState(stall_s=15, resume_after_ms=300))
     turns.handle(OVER_THE_AGENT)
     assert turns.handle(MODEL_INTERRUPTED) == ()
     assert turns.handle(CallerVoice(speech_ms=400, silence_ms=300)) == (RESUME,)

@@ -105,3 +105,13 @@ def test_speech_and_trailing_silence_are_measured_while_speaking() -> None:
             longest = max(longest, vad.speech_ms)
             assert vad.silence_ms <= 600
     assert 850 <= longest <= 1000  # "What time is it?": about 0.9 s of speech
+
+
+def test_frames_below_a_given_energy_are_not_speech() -> None:
+    """The call passes what the agent's echo could reach: that much is never the caller."""
+    speech = InboundConverter().convert(b"\xff" * 1600 + fixture("time") + b"\xff" * 16000)
+    assert VoiceActivityDetector().feed(speech, min_energy=0.0) != []
+    samples = np.frombuffer(speech, np.int16).astype(np.float64)
+    frames = samples[: len(samples) // 320 * 320].reshape(-1, 320)
+    loudest = float(np.max(np.mean(frames**2, axis=1)))
+    assert VoiceActivityDetector().feed(speech, min_energy=loudest * 1.01) == []

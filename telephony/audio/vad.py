@@ -86,14 +86,16 @@ class VoiceActivityDetector:
         """While speaking: how long since the last speech frame (the end rule waits `end_ms`)."""
         return self._silent_run * FRAME_MS
 
-    def feed(self, pcm16_16k: bytes) -> list[SpeechStart | SpeechEnd]:
+    def feed(self, pcm16_16k: bytes, min_energy: float = 0.0) -> list[SpeechStart | SpeechEnd]:
+        """`min_energy` (mean square of a frame's samples) gates out quieter frames: what an
+        echo of the agent's own voice could reach."""
         data = self._pending + pcm16_16k if self._pending else pcm16_16k
         usable = len(data) - len(data) % FRAME_BYTES
         self._pending = data[usable:]
         events: list[SpeechStart | SpeechEnd] = []
         for i in range(0, usable, FRAME_BYTES):
             frame = data[i : i + FRAME_BYTES]
-            is_speech = self._is_speech(frame)
+            is_speech = self._is_speech(frame, min_energy)
             self._frames += 1
             self._recent.append(is_speech)
             if not self.speaking:
@@ -117,7 +119,7 @@ class VoiceActivityDetector:
                     events.append(SpeechEnd((self._frames - self._silent_run) * FRAME_MS))
         return events
 
-    def _is_speech(self, frame: bytes) -> bool:
+    def _is_speech(self, frame: bytes, min_energy: float) -> bool:
         samples = np.frombuffer(frame, np.int16).astype(np.float32)
         energy = float(np.dot(samples, samples)) / len(samples) + 1.0
         self._floor = energy if not self._floor else min(energy, self._floor * FLOOR_RISE)
@@ -126,7 +128,11 @@ class VoiceActivityDetector:
             quietest = min(self._energies)
             if max(self._energies) < quietest * STEADY_SPREAD:
                 self._floor = max(self._floor, quietest)
-        return energy >= self._floor * self._min_ratio and self._vad.is_speech(frame, SAMPLE_RATE)
+        return (
+            energy >= self._floor * self._min_ratio
+            and energy >= min_energy
+            and self._vad.is_speech(frame, SAMPLE_RATE)
+        )
 
     def end_of_stream(self) -> SpeechEnd | None:
         """The caller's audio stopped: close an utterance in progress."""

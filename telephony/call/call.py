@@ -55,6 +55,13 @@ from .turns import (
 __all__ = ["CALL_TASKS", "Call", "CallInfo", "CallOptions", "ModelStalled", "asset"]
 
 AGENT_AUDIO_MIME = "audio/pcm;rate=24000"
+ECHO_RETURN_LOSS = 10 ** (-15 / 10)
+"""The agent's own voice comes back in the caller's audio at least this much weaker (15 dB:
+handsets and speakerphones return 20-30 dB less, line echo more still). Caller audio quieter
+than the agent's recent audio by more than that is taken for its echo, never for the caller
+talking over it (who is about as loud as the agent). The model still gets the audio as it
+came: replacing it (by silence) would start false turns in any VAD when the line's noise
+comes back."""
 CLOSE_GRACE_S = 3.0
 """How long the live session gets to wind down after the queue is closed before it is cancelled."""
 ATTACH_WAIT_S = 5.0
@@ -86,7 +93,7 @@ class CallOptions:
     barge_in_frames: int = 4
     barge_in_min_speech_ms: int = 500
     """Speech over the agent holds its audio at once; this much discards the rest of its turn."""
-    barge_in_resume_ms: int = 300
+    barge_in_resume_ms: int = 600
     """Silence after a shorter sound over the agent before its held audio plays on."""
     keys_idle_s: float = 2.0
     """Key presses go to the model as one turn on `#` or after this long without a key."""
@@ -246,10 +253,11 @@ class Call:
     async def _on_media(self, mulaw: bytes) -> None:
         """Caller audio to the model, and to our VAD for barge-in."""
         pcm = self._inbound.convert(mulaw)
-        self.live.send_caller_audio(pcm)
         now = self._last_media = self._clock()
+        self.live.send_caller_audio(pcm)
         self._caller_audio_ended = False
-        for speech in self._vad.feed(pcm):
+        echo = self.player.loudest_recent(now) * ECHO_RETURN_LOSS
+        for speech in self._vad.feed(pcm, min_energy=echo):
             if isinstance(speech, SpeechStart):
                 turn = CallerSpeechStarted(now, agent_audible=self.player.busy())
             else:

@@ -21,6 +21,9 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+import numpy as np
+
+from ..audio import mulaw_decode
 from ..twilio.media_stream import clear_message, mark_message, media_message
 
 __all__ = ["Histogram", "PlaybackLedger", "Player", "RoundTrip"]
@@ -28,6 +31,11 @@ __all__ = ["Histogram", "PlaybackLedger", "Player", "RoundTrip"]
 BYTES_PER_SECOND = 8000
 MAX_MESSAGE_BYTES = 1600
 """Agent audio goes out in messages of at most 200 ms, so pacing stays fine-grained."""
+_MULAW = np.frombuffer(mulaw_decode(bytes(range(256))), "<i2").astype(np.float64)
+"""Every mu-law byte's sample value, to measure how loud sent audio is."""
+ECHO_WINDOW_S = 0.5
+"""How long after playing it the agent's voice may come back in the caller's audio: a
+speakerphone's acoustic path plus the line's, which is added apart (the round trip)."""
 MAX_QUEUED_BYTES = 120 * BYTES_PER_SECOND
 """Agent audio waiting to be sent beyond two minutes is dropped (newest first) and counted:
 a model that far ahead of the caller is misbehaving, and memory must stay bounded."""
@@ -233,6 +241,8 @@ class Player:
         """Sent audio whose mark has not echoed yet, per mark: what a hold may have to resend."""
         self.holding = False
         """Sending is paused and Twilio's buffer was emptied: the caller may be interrupting."""
+        self._levels: deque[tuple[float, float]] = deque()
+        """(when sent, mean square) per message, as far back as `ECHO_WINDOW_S` plus the lead."""
 
     def attach(self, stream_sid: str, send: Callable[[str], Awaitable[None]]) -> None:
         """The media stream is up: audio queued before it (the greeting) can now flow."""
@@ -295,6 +305,15 @@ class Player:
         """Plays on from where the caller stopped hearing (see `hold`)."""
         self.holding = False
         self._wake.set()
+
+    def loudest_recent(self, now: float) -> float:
+        """The loudest agent audio (mean square) the caller may be hearing now, or hearing
+        echoed back: what was sent within the lead, the round trip and `ECHO_WINDOW_S`."""
+        since = now - self._lead_s() - self.ledger.round_trip.seconds - ECHO_WINDOW_S
+        levels = self._levels
+        while levels and levels[0][0] < since:
+            levels.popleft()
+        return max((level for _, level in levels), default=0.0)
 
     def busy(self) -> bool:
         """Agent audio is waiting to be sent or may still be playing at the caller's end."""
@@ -369,6 +388,8 @@ class Player:
                 self.ledger.sent(len(chunk), now)
                 self.ledger.mark_sent(name)
                 self._in_flight.append((name, chunk))
+                pcm = _MULAW[np.frombuffer(chunk, np.uint8)]
+                self._levels.append((now, float(np.dot(pcm, pcm)) / len(pcm)))
                 await send(media_message(self._stream_sid, chunk))
                 await send(mark_message(self._stream_sid, name))
 

@@ -181,7 +181,7 @@ class TurnState:
     """One call's turn-taking, driven by `handle`."""
 
     def __init__(
-        self, *, stall_s: float, min_speech_ms: int = 500, resume_after_ms: int = 300
+        self, *, stall_s: float, min_speech_ms: int = 500, resume_after_ms: int = 600
     ) -> None:
         self.stall_s = stall_s
         self.min_speech_ms = min_speech_ms
