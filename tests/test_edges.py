@@ -78,6 +78,7 @@ def test_settings_from_environment() -> None:
         ({"TELEPHONY_DRAIN_S": "-1"}, "DRAIN_S"),
         ({"TELEPHONY_STREAM_CONNECT_TIMEOUT_S": "0"}, "STREAM_CONNECT_TIMEOUT_S"),
         ({"TELEPHONY_LOG_LEVEL": "LOUD"}, "TELEPHONY_LOG_LEVEL must be DEBUG"),
+        ({"TELEPHONY_MODEL_STALL_S": "nan"}, "TELEPHONY_MODEL_STALL_S must be a number"),
     ],
 )
 def test_settings_errors_name_the_variable(env: dict[str, str], message: str) -> None:

@@ -175,23 +175,15 @@ async def test_greeting_and_two_turns(server: RunningServer, gemini: GeminiLiveS
     assert _sent(connection, "interrupted") == 0
 
 
-@pytest.mark.parametrize(
-    ("into_reply_s", "model_generating", "echo"),
-    [(0.25, True, None), (2.0, False, None), (2.0, None, Echo(level_db=-25.0, delay_s=0.15))],
-)
+@pytest.mark.parametrize(("into_reply_s", "model_generating"), [(0.25, True), (2.0, False)])
 async def test_barge_in(
-    server: RunningServer,
-    gemini: GeminiLiveService,
-    into_reply_s: float,
-    model_generating: bool | None,
-    echo: Echo | None,
+    server: RunningServer, gemini: GeminiLiveService, into_reply_s: float, model_generating: bool
 ) -> None:
     """Early (the model is still generating: it reports the interruption too) and late (it has
-    finished: only our VAD can tell), and over a speakerphone's echo. Either way Twilio is
-    cleared within 300 ms of onset, the caller hears at most 350 ms of agent audio after it, and
-    then the answer to what they said."""
+    finished: only our VAD can tell). Either way Twilio is cleared within 300 ms of onset, the
+    caller hears at most 350 ms of agent audio after it, and then the answer to what they said."""
     first = len(gemini.connections)
-    async with _call(server, echo=echo) as sim:
+    async with _call(server) as sim:
         await _greeted(sim)
         _, end = await _say(sim, "hello")
         await wait_until(lambda: _heard_after(sim, end), 3, "the answer")
@@ -199,15 +191,14 @@ async def test_barge_in(
         await asyncio.sleep(reply + into_reply_s - time.monotonic())
         onset, barge_end = await _say(sim, "stop")
         await wait_until(lambda: sim.log.clears, 1, "a clear")
-        assert sim.log.clears[0] - onset <= 0.3
+        assert sim.log.clears[0] > onset and sim.log.clears[0] - onset <= 0.3
         assert _heard_between(sim, onset, barge_end) <= 0.35
         await wait_until(lambda: _heard_after(sim, barge_end), 4, "the answer to the barge-in")
         await sim.agent_quiet(0.6)
         assert _echo_score(sim, barge_end, "stop") > 0.9
         await _hang_up(server, sim)
     [connection] = _connections(gemini, first)
-    if model_generating is not None:  # the model's VAD may hear the echo: no telling
-        assert bool(_sent(connection, "interrupted")) == model_generating
+    assert bool(_sent(connection, "interrupted")) == model_generating
 
 
 async def test_a_key_press_reaches_the_model_and_is_answered(

@@ -28,8 +28,10 @@ from .test_realpath import (
     _greeted,
     _hang_up,
     _heard_after,
+    _heard_between,
     _resumed,
     _say,
+    _speech_s,
     wait_until,
 )
 from .test_realpath import gemini as gemini  # the module fixtures, shared
@@ -127,3 +129,19 @@ async def test_a_service_that_accepts_then_drops_gets_an_apology_and_few_connect
     await wait_until(lambda: server.calls.get(sim.call_sid) is None, 5, "the call to be reaped")
     after = await asyncio.to_thread(_metric, server, "telephony_model_reconnects_total")
     assert after - reconnects >= 5
+
+
+async def test_after_a_go_away_mid_reply_the_answer_is_heard_once(
+    server: RunningServer, gemini: GeminiLiveService
+) -> None:
+    """The new connection answers from the start: what was left of the cut-off reply is
+    dropped, so the caller hears at most what had already reached them, then one answer."""
+    gemini.plan(FaultPlan.go_away(after_turns=1, chunks=10, time_left_s=0.5))
+    async with _call(server) as sim:
+        await _greeted(sim)
+        _, end = await _say(sim, "sunday")
+        await wait_until(lambda: _heard_after(sim, end), 6, "the answer")
+        await sim.agent_quiet(1.0)
+        heard = _heard_between(sim, end, time.monotonic())
+        await _hang_up(server, sim)
+    assert heard <= _speech_s("sunday") + 0.35

@@ -110,12 +110,34 @@ def test_a_restart_forgets_the_interrupted_turn() -> None:
 def test_a_model_silent_after_the_caller_spoke_is_restarted_and_watched_again() -> None:
     turns = TurnState(stall_s=15)
     turns.handle(CallerSpeechEnded(10.0))
-    turns.handle(CallerSpeechEnded(12.0))  # the wait started at the first end of speech
     assert turns.handle(Tick(24.9)) == ()
     assert turns.handle(Tick(25.0)) == (RestartModel(15.0),)
     turns.handle(SESSION_RESTARTED)
     assert turns.handle(Tick(39.9)) == ()
     assert turns.handle(Tick(40.0)) == (RestartModel(15.0),)  # the new session stalled too
+
+
+def test_the_wait_for_an_answer_starts_when_the_caller_last_stops_talking() -> None:
+    turns = TurnState(stall_s=15)
+    turns.handle(CallerSpeechEnded(3.0))
+    turns.handle(CallerSpeechStarted(3.7, agent_audible=False))  # they go on talking
+    assert turns.handle(Tick(18.0)) == ()
+    turns.handle(CallerSpeechEnded(20.0))
+    assert turns.handle(Tick(34.9)) == ()
+    assert turns.handle(Tick(35.0)) == (RestartModel(15.0),)
+
+
+def test_a_backchannel_over_the_agent_asks_for_no_answer() -> None:
+    turns = _talking(TurnState(stall_s=15))
+    turns.handle(OVER_THE_AGENT)
+    turns.handle(CallerVoice(speech_ms=400, silence_ms=0))
+    turns.handle(CallerSpeechEnded(2.0))
+    assert turns.awaiting_reply_since is None
+    assert turns.handle(Tick(60.0)) == ()
+    turns.handle(CallerSpeechStarted(61.0, agent_audible=True))  # a real interruption
+    turns.handle(CallerVoice(speech_ms=600, silence_ms=0))
+    turns.handle(CallerSpeechEnded(63.0))
+    assert turns.awaiting_reply_since == 63.0
 
 
 def test_only_model_output_answers_the_stall_watch() -> None:

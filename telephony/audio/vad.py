@@ -78,13 +78,16 @@ class VoiceActivityDetector:
 
     @property
     def speech_ms(self) -> int:
-        """While speaking: from the onset to the end of the last speech frame."""
+        """While speaking: from the onset to the end of the last speech frame (else 0)."""
+        if not self.speaking:
+            return 0
         return (self._frames - self._silent_run - self._onset_frame) * FRAME_MS
 
     @property
     def silence_ms(self) -> int:
-        """While speaking: how long since the last speech frame (the end rule waits `end_ms`)."""
-        return self._silent_run * FRAME_MS
+        """While speaking: how long since the last speech frame (the end rule waits `end_ms`;
+        else 0)."""
+        return self._silent_run * FRAME_MS if self.speaking else 0
 
     def feed(self, pcm16_16k: bytes, min_energy: float = 0.0) -> list[SpeechStart | SpeechEnd]:
         """`min_energy` (mean square of a frame's samples) gates out quieter frames: what an

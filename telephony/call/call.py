@@ -32,7 +32,7 @@ from .keys import KeyBuffer, keys_text
 from .logs import CallLogger
 from .playback import Player, UnknownMark
 from .recording import CallRecorder
-from .supervisor import CallerAudioQueue, LiveSupervisor, ModelStalled
+from .supervisor import CallerAudioQueue, LiveSupervisor, ModelStalled, is_model_output
 from .turns import (
     AGENT_AUDIO,
     CLOSING,
@@ -55,8 +55,8 @@ from .turns import (
 __all__ = ["CALL_TASKS", "Call", "CallInfo", "CallOptions", "ModelStalled", "asset"]
 
 AGENT_AUDIO_MIME = "audio/pcm;rate=24000"
-ECHO_RETURN_LOSS = 10 ** (-15 / 10)
-"""The agent's own voice comes back in the caller's audio at least this much weaker (15 dB:
+ECHO_RETURN_LOSS = 10 ** (-20 / 10)
+"""The agent's own voice comes back in the caller's audio at least this much weaker (20 dB:
 handsets and speakerphones return 20-30 dB less, line echo more still). Caller audio quieter
 than the agent's recent audio by more than that is taken for its echo, never for the caller
 talking over it (who is about as loud as the agent). The model still gets the audio as it
@@ -103,7 +103,7 @@ class CallOptions:
     """Write each call's recording (JSON Lines and WAV) here; None: do not record."""
     model_restarts: int = 3
     """Times run_live is restarted after failing (ADK's own reconnects exhausted) before the
-    caller hears an apology and the call ends; any model event in between resets the count."""
+    caller hears an apology and the call ends; any model output in between resets the count."""
     mask_callers: bool = False
     """Keep phone numbers, DTMF digits and transcripts out of the logs."""
     model_stall_s: float = 15.0
@@ -166,6 +166,10 @@ class Call:
         self._closing: asyncio.Task[None] | None = None
         self.barge_ins = 0
         self.false_barge_ins = 0
+        self._held = False
+        """A hold cut the caller off from agent audio they had not heard yet."""
+        self._cut_off = False
+        """A reconnect cut the model's reply off: the new connection's answer replaces it."""
         """Holds that ended in the agent playing on (a cough, an "mm-hm", a short noise)."""
         self.recorder: CallRecorder | None = None
         if options.record_dir:
@@ -274,14 +278,17 @@ class Call:
     async def _act(self, actions: tuple[Action, ...]) -> None:
         for action in actions:
             if isinstance(action, Hold):
-                if await self.player.hold():
+                self._held = await self.player.hold()
+                if self._held:
                     self._log("holding agent audio (%s)", action.source)
             elif isinstance(action, Resume):
-                if self.player.holding:
+                if self._held:
                     self.false_barge_ins += 1
                     self._log("no interruption after all: agent audio plays on")
+                self._held = False
                 self.player.resume()
             elif isinstance(action, Interrupt):
+                self._held = False
                 self._outbound = OutboundConverter()
                 if await self.player.clear():
                     self.barge_ins += 1
@@ -306,7 +313,8 @@ class Call:
                 and (self._clock() - self._last_media) * 1000 >= self._options.caller_silence_ms
             ):
                 self._caller_audio_ended = True
-                self._vad.end_of_stream()
+                if self._vad.end_of_stream() is not None:  # an utterance ends with the audio
+                    await self._act(self.turns.handle(CallerSpeechEnded(now)))
                 self.live.queue.send_audio_stream_end()
                 self._log("caller audio stopped; sent audio_stream_end")
 
@@ -338,17 +346,18 @@ class Call:
     async def _on_model_event(self, event: Event) -> None:
         if self.recorder is not None:
             self.recorder.model_event(event)
-        answered = bool(event.output_transcription and event.output_transcription.text)
+        if self._cut_off and is_model_output(event):
+            # The new connection answers afresh: the rest of the reply a reconnect cut off
+            # would have the caller hear its start twice.
+            self._cut_off = False
+            await self._act((Interrupt("a reconnect cut the reply off"),))
+        if is_model_output(event):
+            self.turns.handle(ModelOutput(self._clock()))
         if event.content and event.content.parts:
             for part in event.content.parts:
                 blob = part.inline_data
                 if blob and blob.data and (blob.mime_type or "").startswith("audio/pcm"):
-                    answered = True
                     self._on_agent_audio(blob.data, blob.mime_type or "")
-                elif part.function_call:
-                    answered = True
-        if answered:
-            self.turns.handle(ModelOutput(self._clock()))
         if event.input_transcription and event.input_transcription.finished:
             self._log("caller said: %s", self._log.words(event.input_transcription.text or ""))
         if event.output_transcription and event.output_transcription.finished:
@@ -364,6 +373,7 @@ class Call:
         """A new live connection replaced the old one, whose turn ended without turn_complete:
         the agent is not talking any more. True when the caller is owed an answer (they spoke
         and none came, or it was cut off)."""
+        self._cut_off = self.turns.generating
         owed = self.turns.generating or self.turns.awaiting_reply_since is not None
         self.turns.handle(SESSION_RESTARTED)
         return owed
@@ -403,16 +413,20 @@ class Call:
                 self.recorder.close(self.end_reason)
         ledger = self.player.ledger
         self._log(
-            "ended: %s; agent audio sent %.1f s, barge-ins %d, marks sent %d played %d "
-            "cleared %d; dropped: caller audio %.1f s, agent audio %.1f s",
+            "ended: %s; agent audio sent %.1f s, barge-ins %d (and %d false), marks sent %d "
+            "played %d cleared %d; dropped: caller audio %.1f s, agent audio %.1f s; lead %.0f ms "
+            "for a round trip of %.0f ms",
             self.end_reason,
             ledger.sent_bytes / 8000,
             self.barge_ins,
+            self.false_barge_ins,
             ledger.marks_sent,
             ledger.marks_played,
             ledger.marks_cleared,
             self.caller_audio_dropped * 0.02,
             self.player.overflow_bytes / 8000,
+            self.player.lead_ms,
+            ledger.round_trip.seconds * 1000,
         )
 
     async def _end_tasks(self) -> None:

@@ -18,6 +18,8 @@ def keys_text(keys: str) -> str:
 
 
 class KeyBuffer:
+    """The keys of one entry so far; the call asks it on every key and every watch tick."""
+
     def __init__(self, *, idle_s: float) -> None:
         self.idle_s = idle_s
         self._keys: list[str] = []
@@ -34,11 +36,6 @@ class KeyBuffer:
         if self._keys and now - self._last >= self.idle_s:
             return self._take()
         return None
-
-    @property
-    def deadline(self) -> float | None:
-        """When the keys waiting now are due, if any are."""
-        return self._last + self.idle_s if self._keys else None
 
     def _take(self) -> str:
         keys, self._keys = "".join(self._keys), []

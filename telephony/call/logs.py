@@ -27,6 +27,8 @@ def mask_number(number: str) -> str:
 
 
 class CallLogger:
+    """What a call logs goes through here, so no line forgets its call SID or the masking."""
+
     def __init__(self, call_sid: str, *, mask: bool) -> None:
         self.call_sid = call_sid
         self.mask = mask

@@ -241,6 +241,8 @@ class Player:
         """Sent audio whose mark has not echoed yet, per mark: what a hold may have to resend."""
         self.holding = False
         """Sending is paused and Twilio's buffer was emptied: the caller may be interrupting."""
+        self._resumed_at = 0.0
+        """A hold's silence was chosen, not a gap: lateness counts from its end."""
         self._levels: deque[tuple[float, float]] = deque()
         """(when sent, mean square) per message, as far back as `ECHO_WINDOW_S` plus the lead."""
 
@@ -295,15 +297,18 @@ class Player:
             self.ledger.cleared(now)
             self.clears += 1
             await self._send(clear_message(self._stream_sid))
-        for i in range(len(held) - len(held) % MAX_MESSAGE_BYTES, -1, -MAX_MESSAGE_BYTES):
-            if piece := held[i : i + MAX_MESSAGE_BYTES]:
-                self._queue.appendleft((now, piece))
-        self._queued += len(held)
+            if not self.holding:  # a clear came while the clear went out: nothing is kept
+                return True
+            for i in range(len(held) - len(held) % MAX_MESSAGE_BYTES, -1, -MAX_MESSAGE_BYTES):
+                if piece := held[i : i + MAX_MESSAGE_BYTES]:
+                    self._queue.appendleft((now, piece))
+            self._queued += len(held)
         return True
 
     def resume(self) -> None:
         """Plays on from where the caller stopped hearing (see `hold`)."""
         self.holding = False
+        self._resumed_at = self._clock()
         self._wake.set()
 
     def loudest_recent(self, now: float) -> float:
@@ -372,7 +377,12 @@ class Player:
                 now = self._clock()
                 queued_at, chunk = self._queue.popleft()
                 # A deliberate wait for a first message's audio is no gap the caller hears.
-                ready = max(self.ledger.send_by, queued_at + self._prime_s(now), self._attached_at)
+                ready = max(
+                    self.ledger.send_by,
+                    queued_at + self._prime_s(now),
+                    self._attached_at,
+                    self._resumed_at,
+                )
                 # What is due now goes as one message: jitter can open no gap inside it.
                 room = (self._lead_s() - self.ledger.unplayed_ms(now) / 1000) * BYTES_PER_SECOND
                 while (

@@ -48,6 +48,7 @@ __all__ = [
     "HandleKeeper",
     "LiveSupervisor",
     "ModelStalled",
+    "is_model_output",
     "ReconnectsExhausted",
 ]
 
@@ -115,6 +116,19 @@ class HandleKeeper(BasePlugin):
             if event.live_session_resumption_update is not None and queue.agent_context:
                 queue.agent_context.live_session_resumption_handle = handle
         return None
+
+
+def is_model_output(event: Event) -> bool:
+    """The model said something: audio, its own transcript, or a tool call. Only this shows a
+    live session is working; a stalled one still sends resumption updates and transcribes the
+    caller."""
+    if event.output_transcription and event.output_transcription.text:
+        return True
+    parts = event.content.parts if event.content else None
+    return any(
+        (part.inline_data is not None and bool(part.inline_data.data)) or part.function_call
+        for part in parts or ()
+    )
 
 
 class CallerAudioQueue(LiveRequestQueue):
@@ -321,7 +335,7 @@ class LiveSupervisor:
     async def run(self) -> BaseException | None:
         """Runs the live session, and again when it fails; returns None once it ends by itself
         (or the call stopped it), the last error once it has failed too often in a row (any
-        model event in between resets the count) or opened too many connections."""
+        model output in between resets the count) or opened too many connections."""
         failures = 0
         while True:
             if not self._count_connection():
@@ -366,6 +380,8 @@ class LiveSupervisor:
             self.reconnects += 1
             self._new_queue()
             await asyncio.sleep(delay)
+            if self.stopped:  # the call ended during the backoff
+                return None
 
     async def _run_live(self, handle: str | None) -> None:
         run_config = self._run_config
@@ -380,7 +396,8 @@ class LiveSupervisor:
             live_request_queue=self.queue,
             run_config=run_config,
         ):
-            self._events += 1
+            if is_model_output(event):
+                self._events += 1
             await self._on_event(event)
 
     def _abandon(self, error: BaseException) -> None:

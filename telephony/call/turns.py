@@ -178,7 +178,8 @@ _RESUME: tuple[Action, ...] = (RESUME,)
 
 
 class TurnState:
-    """One call's turn-taking, driven by `handle`."""
+    """One call's turn-taking. The call reports what it saw and does what it is told, so the
+    rules (and their tests) need no call, socket or model."""
 
     def __init__(
         self, *, stall_s: float, min_speech_ms: int = 500, resume_after_ms: int = 600
@@ -197,7 +198,11 @@ class TurnState:
         """The caller started speaking over the agent and has not finished: it may yet
         become an interruption."""
         self.awaiting_reply_since: float | None = None
-        """When the caller finished speaking to a model that has not answered since."""
+        """When the caller finished speaking to a model that has not answered since: from
+        then on they wait, and a model silent too long is restarted."""
+        self._backchannel = False
+        """The caller's utterance began over the agent and has not (yet) interrupted it: a
+        cough or an "mm-hm" asks for no answer."""
 
     def handle(self, event: Event) -> tuple[Action, ...]:
         match event:
@@ -210,7 +215,7 @@ class TurnState:
                 if not self.watching:
                     return _NOTHING
                 if speech >= self.min_speech_ms:
-                    self.watching = self.holding = False
+                    self.watching = self.holding = self._backchannel = False
                     return self._interrupt("caller speech")
                 if self.holding and silence >= self.resume_after_ms:
                     self.holding = False
@@ -218,13 +223,16 @@ class TurnState:
             case ModelOutput():
                 self.awaiting_reply_since = None
             case CallerSpeechStarted(agent_audible=audible):
-                if audible and not self.closing:
+                self.awaiting_reply_since = None  # they talk again: the wait starts at its end
+                self._backchannel = audible and not self.closing
+                if self._backchannel:
                     self.watching = self.holding = True
                     return (Hold("caller speech"),)
             case CallerSpeechEnded(at=at):
                 self.watching = False
-                if self.awaiting_reply_since is None:
+                if not self._backchannel:
                     self.awaiting_reply_since = at
+                self._backchannel = False
                 if self.holding:
                     self.holding = False
                     return _RESUME

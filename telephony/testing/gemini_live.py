@@ -40,7 +40,6 @@ from types import TracebackType
 from typing import Any, Literal
 
 import numpy as np
-import trustme
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
@@ -1090,6 +1089,8 @@ class GeminiLiveService:
 
     async def start(self) -> None:
         self._tmp = tempfile.TemporaryDirectory(prefix="gemini-live-")
+        import trustme  # a test dependency (telephony[test]): servers never get here
+
         ca = trustme.CA()
         ca.cert_pem.write_to_path(str(self.ca_file))
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)

@@ -204,6 +204,15 @@ def main_simulate(args: argparse.Namespace, settings: Settings) -> int:
     except WavError as exc:
         print(f"telephony simulate: {exc}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as exc:
+        if exc.name != "trustme":
+            raise
+        print(
+            "telephony simulate: --gemini-standin needs the test extra: "
+            "pip install 'telephony[test]'",
+            file=sys.stderr,
+        )
+        return 2
     except (OSError, WebhookError) as exc:
         print(f"telephony simulate: the call failed: {exc}", file=sys.stderr)
         return 1
