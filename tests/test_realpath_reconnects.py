@@ -145,3 +145,38 @@ async def test_after_a_go_away_mid_reply_the_answer_is_heard_once(
         heard = _heard_between(sim, end, time.monotonic())
         await _hang_up(server, sim)
     assert heard <= _speech_s("sunday") + 0.35
+
+
+@pytest.fixture(scope="module")
+def impatient_server(
+    gemini: GeminiLiveService, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningServer]:
+    """Restarts a model silent for 2 s, once in a row; no greeting, so only the caller asks."""
+    with running_server(
+        tmp_path_factory.mktemp("impatient"),
+        agent="",
+        model_stall_s=2.0,
+        model_restarts=1,
+        greeting="",
+    ) as running:
+        yield running
+
+
+async def test_a_model_that_never_answers_ends_in_the_apology(
+    impatient_server: RunningServer, gemini: GeminiLiveService
+) -> None:
+    """Every session transcribes the caller and says nothing: it is restarted once, then the
+    caller hears the apology, instead of restarts for ever (a stalled session still sends
+    resumption updates and transcripts, which must not count as the model working)."""
+    first = len(gemini.connections)
+    gemini.always(FaultPlan.stall())
+    try:
+        async with _call(impatient_server) as sim:
+            await asyncio.sleep(0.5)
+            await _say(sim, "sunday")
+            await asyncio.wait_for(sim.closed.wait(), 15)
+            heard = sim.log.heard_pcm()
+    finally:
+        gemini.always(None)
+    assert len(_connections(gemini, first)) == 2
+    assert best_correlation(heard, pcm(asset("apology")))[0] > 0.9
