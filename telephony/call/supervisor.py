@@ -350,10 +350,11 @@ class LiveSupervisor:
             except asyncio.CancelledError:
                 run.cancel()
                 raise
+            raised = None if run.cancelled() else run.exception()  # always retrieved
             if self.stopped:
                 return None
             # `_failure` is set whenever the run is cancelled, and wins over what the run raised
-            error = self._failure if self._failure is not None else run.exception()
+            error = self._failure if self._failure is not None else raised
             if error is None:
                 return None
             if isinstance(error, ReconnectsExhausted):
