@@ -166,11 +166,11 @@ class Call:
         self._closing: asyncio.Task[None] | None = None
         self.barge_ins = 0
         self.false_barge_ins = 0
+        """Holds that ended in the agent playing on (a cough, an "mm-hm", a short noise)."""
         self._held = False
         """A hold cut the caller off from agent audio they had not heard yet."""
         self._cut_off = False
         """A reconnect cut the model's reply off: the new connection's answer replaces it."""
-        """Holds that ended in the agent playing on (a cough, an "mm-hm", a short noise)."""
         self.recorder: CallRecorder | None = None
         if options.record_dir:
             try:
@@ -346,12 +346,12 @@ class Call:
     async def _on_model_event(self, event: Event) -> None:
         if self.recorder is not None:
             self.recorder.model_event(event)
-        if self._cut_off and is_model_output(event):
-            # The new connection answers afresh: the rest of the reply a reconnect cut off
-            # would have the caller hear its start twice.
-            self._cut_off = False
-            await self._act((Interrupt("a reconnect cut the reply off"),))
         if is_model_output(event):
+            if self._cut_off:
+                # The new connection answers afresh: the rest of the reply a reconnect cut off
+                # would have the caller hear its start twice.
+                self._cut_off = False
+                await self._act((Interrupt("a reconnect cut the reply off"),))
             self.turns.handle(ModelOutput(self._clock()))
         if event.content and event.content.parts:
             for part in event.content.parts:

@@ -48,8 +48,8 @@ __all__ = [
     "HandleKeeper",
     "LiveSupervisor",
     "ModelStalled",
-    "is_model_output",
     "ReconnectsExhausted",
+    "is_model_output",
 ]
 
 CALLER_AUDIO_MIME = "audio/pcm;rate=16000"
