@@ -128,7 +128,7 @@ async def test_a_service_that_accepts_then_drops_gets_an_apology_and_few_connect
     assert best_correlation(heard, apology)[0] > 0.9
     await wait_until(lambda: server.calls.get(sim.call_sid) is None, 5, "the call to be reaped")
     after = await asyncio.to_thread(_metric, server, "telephony_model_reconnects_total")
-    assert after - reconnects >= 5
+    assert after - reconnects >= 3  # every reconnect and restart counted
 
 
 async def test_after_a_go_away_mid_reply_the_answer_is_heard_once(
