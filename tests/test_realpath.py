@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from telephony.call import asset
 from telephony.testing.gemini_live import (
     ConnectionRecord,
     FaultPlan,
@@ -375,3 +376,36 @@ async def test_a_handset_echo_of_the_agent_never_interrupts_it(
 ) -> None:
     share = await _reply_heard(server, echo=Echo(level_db=-25.0, delay_s=0.15))
     assert share >= 0.9
+
+
+@pytest.fixture
+def draining_server(gemini: GeminiLiveService, tmp_path: Path) -> Iterator[RunningServer]:
+    """A server of its own: draining it turns every later call away."""
+    with running_server(tmp_path, agent="") as running:
+        yield running
+
+
+async def test_last_words_are_heard_in_full_whatever_the_caller_or_the_model_do(
+    draining_server: RunningServer, gemini: GeminiLiveService
+) -> None:
+    """The server drains (no grace) while the model is still generating an answer; the caller
+    talks over the goodbye and the model, hearing them, reports `interrupted`. The goodbye is
+    heard to its end all the same."""
+    from telephony.server.app import drain
+
+    first = len(gemini.connections)
+    async with _call(draining_server) as sim:
+        await _greeted(sim)
+        _, end = await _say(sim, "hello")
+        await wait_until(lambda: _heard_after(sim, end), 3, "the answer")
+        draining = asyncio.run_coroutine_threadsafe(
+            drain(draining_server.app, 0.0), draining_server.loop
+        )
+        await asyncio.sleep(0.1)
+        await sim.say(fixture("stop"))
+        await asyncio.wait_for(asyncio.wrap_future(draining), 15)
+        heard = sim.log.heard_pcm()
+    [connection] = _connections(gemini, first)
+    assert _sent(connection, "interrupted") == 1  # the model did try to cut in
+    score, _ = best_correlation(heard, pcm(asset("goodbye")))
+    assert score > 0.9
