@@ -1,4 +1,5 @@
-"""A real telephony server (hypercorn on a loopback port) in a background thread."""
+"""A real telephony server (hypercorn on a loopback port) in a background thread, and the
+helpers end-to-end tests use to drive calls through it."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,9 @@ from telephony.call import CALL_TASKS
 from telephony.server.app import create_app
 from telephony.server.registry import CallRegistry
 from telephony.settings import Settings
+from telephony.testing.simulator import CallerSimulator
+
+from .audio_tools import fixture
 
 
 @dataclass
@@ -116,3 +120,19 @@ def echo_process(
                 proc.wait(15)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+async def wait_until(predicate: Callable[[], object], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+async def say(sim: CallerSimulator, name: str) -> tuple[float, float]:
+    """Speaks a whole fixture; returns when its first and last frames were sent."""
+    speech = fixture(name)
+    start = await sim.say(speech)
+    await sim.finish_speaking()
+    return start, start + len(speech) / 8000

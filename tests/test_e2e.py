@@ -6,10 +6,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
 from google.adk.sessions.sqlite_session_service import SqliteSessionService
 from websockets.asyncio.client import connect
@@ -17,8 +16,8 @@ from websockets.exceptions import InvalidStatus
 
 from telephony.testing.simulator import CallerSimulator, WebhookError, place_call
 
-from .audio_tools import best_correlation, fixture, line_noise, pcm
-from .server import RunningServer, running_server
+from .audio_tools import best_correlation, fixture, line_noise, speech_core, speech_span_s
+from .server import RunningServer, running_server, say, wait_until
 
 TOKEN = "test-auth-token"
 
@@ -36,35 +35,6 @@ _sids = iter(range(1, 10**6))
 def _call(server: RunningServer, **kwargs: object):  # type: ignore[no-untyped-def]
     sid = f"CA{next(_sids):032d}"
     return place_call(server.base_url, auth_token=TOKEN, call_sid=sid, **kwargs)  # type: ignore[arg-type]
-
-
-async def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.01)
-
-
-def _speech_core(name: str) -> np.ndarray:
-    """The fixture without its edges (the echo may trim a little of each end)."""
-    x = pcm(fixture(name))
-    return x[2400:-4000]
-
-
-def _last_speech_s(name: str) -> float:
-    """Where the fixture's speech ends (its last 10 ms block above -50 dBFS)."""
-    x = pcm(fixture(name))
-    blocks = np.sqrt(np.mean(x[: len(x) // 80 * 80].reshape(-1, 80) ** 2, axis=1))
-    return (int(np.nonzero(blocks > 100)[0][-1]) + 1) / 100
-
-
-async def _say(sim: CallerSimulator, name: str) -> tuple[float, float]:
-    """Speaks a whole fixture; returns when its first and last frames were sent."""
-    speech = fixture(name)
-    start = await sim.say(speech)
-    await sim.finish_speaking()
-    return start, start + len(speech) / 8000
 
 
 def _media_after(sim: CallerSimulator, t: float) -> list[float]:
@@ -90,13 +60,13 @@ async def test_greeting_plays_as_soon_as_the_stream_opens(server: RunningServer)
 async def test_caller_hears_their_own_words_back(server: RunningServer) -> None:
     async with _call(server) as sim:
         await asyncio.sleep(1.0)
-        _, spoken_end = await _say(sim, "hello")
+        _, spoken_end = await say(sim, "hello")
         await wait_until(lambda: bool(_media_after(sim, spoken_end)), 3, "the echo")
         response_latency = _media_after(sim, spoken_end)[0] - spoken_end
         # about 600 ms of silence ends the turn; the bridge must add next to nothing
         assert response_latency < 1.2
         await asyncio.sleep(len(fixture("hello")) / 8000 + 0.8)
-        score, _ = best_correlation(sim.log.heard_pcm(), _speech_core("hello"))
+        score, _ = best_correlation(sim.log.heard_pcm(), speech_core("hello"))
         assert score > 0.9
         assert not sim.log.clears
         # every media message was followed by a mark, and every mark came back as played
@@ -116,23 +86,23 @@ async def test_barge_in_clears_within_300_ms(
     caplog.set_level(logging.INFO, logger="telephony")
     async with _call(server) as sim:
         await asyncio.sleep(1.0)
-        _, spoken_end = await _say(sim, "hello")
+        _, spoken_end = await say(sim, "hello")
         await wait_until(lambda: bool(_media_after(sim, spoken_end)), 3, "the echo")
         reply_start = _media_after(sim, spoken_end)[0]
         await asyncio.sleep(reply_start + delay_into_reply - time.monotonic())
-        onset, barge_end = await _say(sim, "stop")
+        onset, barge_end = await say(sim, "stop")
         await wait_until(lambda: bool(sim.log.clears), 1, "a clear")
         assert sim.log.clears[0] - onset <= 0.3
         # nothing of the interrupted reply after the clear: the next audio is the new echo,
         # which cannot start before the caller has been silent for about 600 ms
-        speech_end = onset + _last_speech_s("stop")
+        speech_end = onset + speech_span_s("stop")[1]
         await asyncio.sleep(max(0.0, speech_end + 0.5 - time.monotonic()))
         assert [at for at, _ in sim.log.media if sim.log.clears[0] < at < speech_end + 0.5] == []
         assert len(sim.log.clears) == 1
         await wait_until(lambda: bool(_media_after(sim, barge_end)), 3, "the echo of the barge-in")
         await asyncio.sleep(len(fixture("stop")) / 8000 + 0.5)
         heard_after = sim.log.heard_pcm()[int((barge_end - sim.log.started) * 8000) :]
-        score, _ = best_correlation(heard_after, _speech_core("stop"))
+        score, _ = best_correlation(heard_after, speech_core("stop"))
         assert score > 0.9
         assert sim.log.marks_received == sim.log.marks_echoed
         await _hang_up_and_check_clean(server, sim)
@@ -157,12 +127,12 @@ async def test_noise_only_caller_triggers_no_clear(server: RunningServer) -> Non
 async def test_caller_whose_frames_stop_still_gets_an_answer(server: RunningServer) -> None:
     async with _call(server, continuous=False) as sim:
         await sim.say(b"\xff" * 4000)
-        _, spoken_end = await _say(sim, "weather")
+        _, spoken_end = await say(sim, "weather")
         await sim.finish_speaking()
         # no more frames at all: the bridge tells the model the audio ended
         await wait_until(lambda: bool(_media_after(sim, spoken_end)), 3, "the echo")
         await asyncio.sleep(len(fixture("weather")) / 8000 + 0.5)
-        score, _ = best_correlation(sim.log.heard_pcm(), _speech_core("weather"))
+        score, _ = best_correlation(sim.log.heard_pcm(), speech_core("weather"))
         assert score > 0.9
         await _hang_up_and_check_clean(server, sim)
 
@@ -180,12 +150,12 @@ async def test_socket_closed_without_stop_ends_the_call(server: RunningServer) -
 async def test_two_calls_at_once_do_not_interfere(server: RunningServer) -> None:
     async with _call(server) as first, _call(server) as second:
         await asyncio.sleep(1.0)
-        (_, end1), (_, end2) = await asyncio.gather(_say(first, "hello"), _say(second, "bonjour"))
+        (_, end1), (_, end2) = await asyncio.gather(say(first, "hello"), say(second, "bonjour"))
         await asyncio.sleep(max(end1, end2) - time.monotonic() + 5.5)
         for sim, mine, other in ((first, "hello", "bonjour"), (second, "bonjour", "hello")):
             heard = sim.log.heard_pcm()
-            assert best_correlation(heard, _speech_core(mine))[0] > 0.9
-            assert best_correlation(heard, _speech_core(other))[0] < 0.5
+            assert best_correlation(heard, speech_core(mine))[0] > 0.9
+            assert best_correlation(heard, speech_core(other))[0] < 0.5
         await _hang_up_and_check_clean(server, first)
         await _hang_up_and_check_clean(server, second)
 
@@ -205,7 +175,7 @@ async def test_dtmf_reaches_the_agent(
 async def test_transcripts_land_in_the_sqlite_file(server: RunningServer) -> None:
     async with _call(server, caller="+15557654321") as sim:
         await asyncio.sleep(0.8)
-        _, spoken_end = await _say(sim, "stop")
+        _, spoken_end = await say(sim, "stop")
         await wait_until(lambda: bool(_media_after(sim, spoken_end)), 3, "the echo")
         await asyncio.sleep(2.5)
         await _hang_up_and_check_clean(server, sim)

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from telephony.call import asset
@@ -31,8 +30,8 @@ from telephony.testing.simulator import (
     place_call,
 )
 
-from .audio_tools import best_correlation, fixture, pcm
-from .server import RunningServer, running_server
+from .audio_tools import best_correlation, fixture, pcm, speech_core, speech_span_s
+from .server import RunningServer, running_server, say, wait_until
 
 AGENTS = Path(__file__).parent / "agents"
 STALL_S = 4.0
@@ -77,24 +76,9 @@ def _call(server: RunningServer, **kwargs: object):  # type: ignore[no-untyped-d
     return place_call(server.base_url, call_sid=f"CA{next(_sids):032d}", **kwargs)  # type: ignore[arg-type]
 
 
-async def wait_until(predicate: Callable[[], object], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.01)
-
-
 def _heard_after(sim: CallerSimulator, t: float) -> list[float]:
     """When each piece of agent audio the caller heard after `t` started."""
     return [h.start for h in sim.log.heard if h.start > t]
-
-
-async def _say(sim: CallerSimulator, name: str) -> tuple[float, float]:
-    speech = fixture(name)
-    start = await sim.say(speech)
-    await sim.finish_speaking()
-    return start, start + len(speech) / 8000
 
 
 async def _greeted(sim: CallerSimulator) -> None:
@@ -103,22 +87,9 @@ async def _greeted(sim: CallerSimulator) -> None:
     await sim.agent_quiet(0.6)
 
 
-def _core(name: str) -> np.ndarray:
-    """The fixture without its edges (VADs trim a little of each end)."""
-    return pcm(fixture(name))[2400:-4000]
-
-
-def _speech_s(name: str) -> float:
-    """How long the fixture's speech lasts (first to last 10 ms block above -50 dBFS)."""
-    x = pcm(fixture(name))
-    blocks = np.sqrt(np.mean(x[: len(x) // 80 * 80].reshape(-1, 80) ** 2, axis=1))
-    voiced = np.nonzero(blocks > 100)[0]
-    return (int(voiced[-1]) + 1 - int(voiced[0])) / 100
-
-
 def _echo_score(sim: CallerSimulator, after: float, name: str) -> float:
     heard = sim.log.heard_pcm()[int((after - sim.log.started) * 8000) :]
-    return best_correlation(heard, _core(name))[0]
+    return best_correlation(heard, speech_core(name))[0]
 
 
 def _heard_between(sim: CallerSimulator, start: float, end: float) -> float:
@@ -161,7 +132,7 @@ async def test_greeting_and_two_turns(server: RunningServer, gemini: GeminiLiveS
         await _greeted(sim)
         assert sim.log.heard[0].start - sim.log.started < 1.5
         for name in ("sunday", "time"):
-            _, end = await _say(sim, name)
+            _, end = await say(sim, name)
             await wait_until(lambda e=end: _heard_after(sim, e), 3, f"the answer to {name}")
             await sim.agent_quiet(0.6)
             assert _echo_score(sim, end, name) > 0.9
@@ -186,11 +157,11 @@ async def test_barge_in(
     first = len(gemini.connections)
     async with _call(server) as sim:
         await _greeted(sim)
-        _, end = await _say(sim, "hello")
+        _, end = await say(sim, "hello")
         await wait_until(lambda: _heard_after(sim, end), 3, "the answer")
         reply = _heard_after(sim, end)[0]
         await asyncio.sleep(reply + into_reply_s - time.monotonic())
-        onset, barge_end = await _say(sim, "stop")
+        onset, barge_end = await say(sim, "stop")
         await wait_until(lambda: sim.log.clears, 1, "a clear")
         assert sim.log.clears[0] > onset and sim.log.clears[0] - onset <= 0.3
         assert _heard_between(sim, onset, barge_end) <= 0.35
@@ -242,7 +213,7 @@ async def _answered_across_a_reconnect(
     async with _call(server) as sim:
         await _greeted(sim)
         for name in ("sunday", "time"):
-            _, end = await _say(sim, name)
+            _, end = await say(sim, name)
             await wait_until(lambda e=end: _heard_after(sim, e), 6, f"the answer to {name}")
             await sim.agent_quiet(0.8)
             assert _echo_score(sim, end, name) > 0.9
@@ -301,7 +272,7 @@ async def test_a_stalled_model_is_restarted_and_the_question_answered(
     gemini.plan(FaultPlan.stall())
     async with _call(server) as sim:
         await asyncio.sleep(1.0)
-        _, end = await _say(sim, "sunday")
+        _, end = await say(sim, "sunday")
         await wait_until(lambda: _heard_after(sim, end), STALL_S + 4, "an answer after a restart")
         await _hang_up(server, sim)
     assert len(_connections(gemini, first)) == 2
@@ -315,7 +286,7 @@ async def test_a_tool_call_is_run_and_answered(
     gemini.plan(FaultPlan.tool_call("opening_hours", {"day": "Sunday"}, after_turns=1))
     async with _call(tool_server) as sim:
         await _greeted(sim)
-        _, end = await _say(sim, "sunday")
+        _, end = await say(sim, "sunday")
         await wait_until(lambda: _heard_after(sim, end), 4, "the answer")
         await sim.agent_quiet(0.6)
         assert _echo_score(sim, end, "sunday") > 0.9
@@ -334,7 +305,7 @@ async def test_a_call_over_a_300_ms_round_trip(
     async with _call(server, network=Network(delay_s=0.15, jitter_s=0.025, seed=1)) as sim:
         await _greeted(sim)
         for name in ("sunday", "time"):
-            _, end = await _say(sim, name)
+            _, end = await say(sim, name)
             await wait_until(lambda e=end: _heard_after(sim, e), 4, f"the answer to {name}")
             await sim.agent_quiet(0.8)
             assert _echo_score(sim, end, name) > 0.9
@@ -348,8 +319,9 @@ async def _reply_heard(server: RunningServer, **line: object) -> float:
     question's speech) that they heard."""
     async with _call(server, **line) as sim:
         await _greeted(sim)
-        _, end = await _say(sim, "hello")
-        answer_s = _speech_s("hello")
+        _, end = await say(sim, "hello")
+        start, end_s = speech_span_s("hello")
+        answer_s = end_s - start
         await asyncio.sleep(answer_s + 2.0)
         await sim.agent_quiet(1.0)
         heard = _heard_between(sim, end, time.monotonic())
@@ -396,7 +368,7 @@ async def test_last_words_are_heard_in_full_whatever_the_caller_or_the_model_do(
     first = len(gemini.connections)
     async with _call(draining_server) as sim:
         await _greeted(sim)
-        _, end = await _say(sim, "hello")
+        _, end = await say(sim, "hello")
         await wait_until(lambda: _heard_after(sim, end), 3, "the answer")
         draining = asyncio.run_coroutine_threadsafe(
             drain(draining_server.app, 0.0), draining_server.loop

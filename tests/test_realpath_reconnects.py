@@ -18,21 +18,17 @@ from telephony.call import asset
 from telephony.settings import Settings
 from telephony.testing.gemini_live import FaultPlan, GeminiLiveService
 
-from .audio_tools import best_correlation, pcm
-from .server import RunningServer, running_server
+from .audio_tools import best_correlation, pcm, speech_core, speech_span_s
+from .server import RunningServer, running_server, say, wait_until
 from .test_realpath import (
     _answered_across_a_reconnect,
     _call,
     _connections,
-    _core,
     _greeted,
     _hang_up,
     _heard_after,
     _heard_between,
     _resumed,
-    _say,
-    _speech_s,
-    wait_until,
 )
 from .test_realpath import gemini as gemini  # the module fixtures, shared
 from .test_realpath import server as server
@@ -81,13 +77,13 @@ async def test_after_a_go_away_mid_reply_the_answer_follows_within_a_second(
     gemini.plan(FaultPlan.go_away(after_turns=1, chunks=10, time_left_s=0.5))
     async with _call(server) as sim:
         await _greeted(sim)
-        _, end = await _say(sim, "sunday")
+        _, end = await say(sim, "sunday")
         await wait_until(lambda: len(gemini.connections) == first + 2, 5, "the reconnect")
         reconnected = gemini.connections[-1].opened_at
         await wait_until(lambda: _heard_after(sim, reconnected), 3, "the answer")
         await sim.agent_quiet(0.8)
         heard = sim.log.heard_pcm()[int((end - sim.log.started) * 8000) :]
-        score, offset = best_correlation(heard, _core("sunday"))
+        score, offset = best_correlation(heard, speech_core("sunday"))
         assert score > 0.9
         await _hang_up(server, sim)
     answered = end + (offset - CORE_START) / 8000  # where the repeated answer began
@@ -139,12 +135,13 @@ async def test_after_a_go_away_mid_reply_the_answer_is_heard_once(
     gemini.plan(FaultPlan.go_away(after_turns=1, chunks=10, time_left_s=0.5))
     async with _call(server) as sim:
         await _greeted(sim)
-        _, end = await _say(sim, "sunday")
+        _, end = await say(sim, "sunday")
         await wait_until(lambda: _heard_after(sim, end), 6, "the answer")
         await sim.agent_quiet(1.0)
         heard = _heard_between(sim, end, time.monotonic())
         await _hang_up(server, sim)
-    assert heard <= _speech_s("sunday") + 0.35
+    speech_start, speech_end = speech_span_s("sunday")
+    assert heard <= speech_end - speech_start + 0.35
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +170,7 @@ async def test_a_model_that_never_answers_ends_in_the_apology(
     try:
         async with _call(impatient_server) as sim:
             await asyncio.sleep(0.5)
-            await _say(sim, "sunday")
+            await say(sim, "sunday")
             await asyncio.wait_for(sim.closed.wait(), 15)
             heard = sim.log.heard_pcm()
     finally:

@@ -183,7 +183,7 @@ def harness(*scripts: Script, owed: bool = False, restarts: int = 3, budget: int
         session_resumption=types.SessionResumptionConfig(),
     )
 
-    async def on_event(event: object) -> None:
+    async def on_event(event: object, output: bool) -> None:
         pass
 
     h = Harness(model, owed)

@@ -145,3 +145,11 @@ def test_only_model_output_answers_the_stall_watch() -> None:
     turns.handle(CallerSpeechEnded(10.0))
     turns.handle(ModelOutput(11.0))
     assert turns.handle(Tick(30.0)) == ()
+
+
+def test_after_a_restart_cut_a_reply_off_the_new_answer_replaces_its_rest() -> None:
+    turns = _talking(TurnState(stall_s=15))
+    turns.handle(SESSION_RESTARTED)
+    assert turns.handle(ModelOutput(5.0)) == (Interrupt("a reconnect cut the reply off"),)
+    assert turns.handle(ModelOutput(5.1)) == ()
+    assert turns.handle(AGENT_AUDIO) == (PLAY,)

@@ -32,7 +32,7 @@ from .keys import KeyBuffer, keys_text
 from .logs import CallLogger
 from .playback import Player, UnknownMark
 from .recording import CallRecorder
-from .supervisor import CallerAudioQueue, LiveSupervisor, ModelStalled, is_model_output
+from .supervisor import CallerAudioQueue, LiveSupervisor, ModelStalled
 from .turns import (
     AGENT_AUDIO,
     CLOSING,
@@ -169,8 +169,6 @@ class Call:
         """Holds that ended in the agent playing on (a cough, an "mm-hm", a short noise)."""
         self._held = False
         """A hold cut the caller off from agent audio they had not heard yet."""
-        self._cut_off = False
-        """A reconnect cut the model's reply off: the new connection's answer replaces it."""
         self.recorder: CallRecorder | None = None
         if options.record_dir:
             try:
@@ -343,16 +341,12 @@ class Call:
                 await asyncio.sleep(0.05)
         self.end(reason)
 
-    async def _on_model_event(self, event: Event) -> None:
+    async def _on_model_event(self, event: Event, output: bool) -> None:
+        """`output`: the model said something (see `supervisor.is_model_output`)."""
         if self.recorder is not None:
             self.recorder.model_event(event)
-        if is_model_output(event):
-            if self._cut_off:
-                # The new connection answers afresh: the rest of the reply a reconnect cut off
-                # would have the caller hear its start twice.
-                self._cut_off = False
-                await self._act((Interrupt("a reconnect cut the reply off"),))
-            self.turns.handle(ModelOutput(self._clock()))
+        if output:
+            await self._act(self.turns.handle(ModelOutput(self._clock())))
         if event.content and event.content.parts:
             for part in event.content.parts:
                 blob = part.inline_data
@@ -373,7 +367,6 @@ class Call:
         """A new live connection replaced the old one, whose turn ended without turn_complete:
         the agent is not talking any more. True when the caller is owed an answer (they spoke
         and none came, or it was cut off)."""
-        self._cut_off = self.turns.generating
         owed = self.turns.generating or self.turns.awaiting_reply_since is not None
         self.turns.handle(SESSION_RESTARTED)
         return owed

@@ -213,7 +213,7 @@ class LiveSupervisor:
         session_id: str,
         restarts: int,
         connections_per_minute: int,
-        on_event: Callable[[Event], Awaitable[None]],
+        on_event: Callable[[Event, bool], Awaitable[None]],
         on_reconnect: Callable[[], bool],
         log: CallLogger,
     ) -> None:
@@ -397,9 +397,9 @@ class LiveSupervisor:
             live_request_queue=self.queue,
             run_config=run_config,
         ):
-            if is_model_output(event):
-                self._events += 1
-            await self._on_event(event)
+            output = is_model_output(event)
+            self._events += output
+            await self._on_event(event, output)
 
     def _abandon(self, error: BaseException) -> None:
         if self._run is not None and not self._run.done():

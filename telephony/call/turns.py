@@ -200,6 +200,9 @@ class TurnState:
         self.awaiting_reply_since: float | None = None
         """When the caller finished speaking to a model that has not answered since: from
         then on they wait, and a model silent too long is restarted."""
+        self._cut_off = False
+        """A restart cut the model's reply off: the new session answers afresh, and the rest
+        of the old reply would have the caller hear its start twice."""
         self._backchannel = False
         """The caller's utterance began over the agent and has not (yet) interrupted it: a
         cough or an "mm-hm" asks for no answer."""
@@ -222,6 +225,9 @@ class TurnState:
                     return _RESUME
             case ModelOutput():
                 self.awaiting_reply_since = None
+                if self._cut_off:
+                    self._cut_off = False
+                    return (Interrupt("a reconnect cut the reply off"),)
             case CallerSpeechStarted(agent_audible=audible):
                 self.awaiting_reply_since = None  # they talk again: the wait starts at its end
                 self._backchannel = audible and not self.closing
@@ -250,6 +256,7 @@ class TurnState:
             case ModelTurnComplete():
                 self._end_turn()
             case SessionRestarted():
+                self._cut_off = self.generating
                 self._end_turn()
             case Closing():
                 self.closing = True
