@@ -24,6 +24,7 @@ from .test_realpath import (
     _answered_across_a_reconnect,
     _call,
     _connections,
+    _echo_score,
     _greeted,
     _hang_up,
     _heard_after,
@@ -177,3 +178,23 @@ async def test_a_model_that_never_answers_ends_in_the_apology(
         gemini.always(None)
     assert len(_connections(gemini, first)) == 2
     assert best_correlation(heard, pcm(asset("apology")))[0] > 0.9
+
+
+async def test_what_the_caller_says_while_the_model_is_away_reaches_it_when_it_is_back(
+    server: RunningServer, gemini: GeminiLiveService
+) -> None:
+    """A go_away when idle, and the new connection takes 8 s to set up: meanwhile caller audio
+    waits, and only 5 s of it fit. The question the caller asks at the end of the outage is
+    kept (the silence before it makes room), so it is answered once the model is back."""
+    first = len(gemini.connections)
+    gemini.plan(FaultPlan.go_away(after_turns=1, time_left_s=0.2), FaultPlan.slow_setup(8.0))
+    async with _call(server) as sim:
+        await _greeted(sim)
+        await wait_until(lambda: len(gemini.connections) == first + 2, 5, "the reconnect")
+        await asyncio.sleep(5.5)
+        _, end = await say(sim, "sunday")
+        await wait_until(lambda: _heard_after(sim, end), 6, "the answer")
+        await sim.agent_quiet(0.8)
+        assert _echo_score(sim, end, "sunday") > 0.9
+        await _hang_up(server, sim)
+    assert server.calls.metrics.caller_audio_dropped_s > 0  # the outage did overflow

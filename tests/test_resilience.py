@@ -139,7 +139,7 @@ def test_a_stalled_model_is_restarted(tmp_path: Path, caplog: pytest.LogCaptureF
     assert len(f.caller_speech) == 2
     latencies = f.response_latencies
     assert len(latencies) == 1 and latencies[0] < 1.0  # the second question was answered
-    assert "the model is not reading: dropping caller audio" in caplog.text
+    assert "the model is not reading: dropping the oldest caller audio" in caplog.text
     assert "the model reads caller audio again" in caplog.text
     # stalled at 3 s, 5 s of backlog kept, restarted at 23.7 s: the rest was dropped
     assert "dropped: caller audio 15.5 s" in caplog.text

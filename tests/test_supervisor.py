@@ -27,7 +27,12 @@ from websockets.frames import Close
 from telephony.agents.echo import echo_app
 from telephony.call import Call, CallInfo, CallOptions
 from telephony.call.logs import CallLogger
-from telephony.call.supervisor import HandleKeeper, LiveSupervisor, ReconnectsExhausted
+from telephony.call.supervisor import (
+    CALLER_BACKLOG_LIMIT,
+    HandleKeeper,
+    LiveSupervisor,
+    ReconnectsExhausted,
+)
 from telephony.call.turns import AGENT_AUDIO, CallerSpeechEnded
 from telephony.server.metrics import Metrics
 from telephony.testing.virtual_clock import run_virtual
@@ -479,3 +484,30 @@ def test_metrics_count_reconnects() -> None:
         active_calls=0, loop_lag_ms=0.0, loop_busy=0.0, events_lost=0
     )
     assert "telephony_model_reconnects_total 3\n" in text
+
+
+def test_a_full_backlog_keeps_the_newest_caller_audio_and_every_text_turn() -> None:
+    """The model stopped reading: each new frame pushes out the oldest waiting frame, never a
+    text turn (a key press, a note) or a control request."""
+
+    async def main() -> tuple[list[object], int]:
+        h = harness()
+        supervisor = h.supervisor
+        supervisor.send_text("4207#")
+        for n in range(CALLER_BACKLOG_LIMIT + 50):
+            supervisor.send_caller_audio(n.to_bytes(2, "little") * 320)
+        supervisor.queue.send_audio_stream_end()
+        waiting = []
+        while not supervisor.queue._queue.empty():
+            request = supervisor.queue._queue.get_nowait()
+            if request.blob is not None:
+                waiting.append(int.from_bytes(request.blob.data[:2], "little"))
+            else:
+                waiting.append(request.content or request.audio_stream_end)
+        return waiting, supervisor.caller_audio_dropped
+
+    waiting, dropped = run_virtual(main())
+    assert dropped == 51  # the text turn counts against the limit, never dropped
+    assert isinstance(waiting[0], types.Content)
+    assert waiting[1:-1] == list(range(51, CALLER_BACKLOG_LIMIT + 50))
+    assert waiting[-1] is True

@@ -54,7 +54,8 @@ __all__ = [
 
 CALLER_AUDIO_MIME = "audio/pcm;rate=16000"
 CALLER_BACKLOG_LIMIT = 250
-"""Requests (20 ms frames) waiting for the model beyond which caller audio is dropped."""
+"""Requests (20 ms frames) waiting for the model beyond which the oldest caller audio is
+dropped."""
 REPLAY_AUDIO_S = 10.0
 """At most this much of the caller's latest audio is sent again to a new connection."""
 CONNECTION_WINDOW_S = 60.0
@@ -134,10 +135,10 @@ def is_model_output(event: Event) -> bool:
 class CallerAudioQueue(LiveRequestQueue):
     """The queue ADK reads caller input from, as its supervisor sees it.
 
-    ADK never pushes back: when the model stops reading (a stall, a reconnect), caller audio
-    beyond 5 s of backlog is dropped, newest first, rather than piling up, so what the caller
-    says once the model is back still gets through at once. Requests to replay are served
-    before the backlog.
+    ADK never pushes back: when the model stops reading (a stall, a reconnect), only the newest
+    5 s of caller audio wait for it, the oldest frame making room for each new one, so the
+    model comes back to what the caller says now (the end of a question, an answer) rather than
+    to what they said while nobody listened. Requests to replay are served before the backlog.
 
     ADK reports no reconnect, but each connection that lives long enough reads this queue from
     a sender task of its own, and ADK asks `closed` after every failed connection before it
@@ -168,10 +169,21 @@ class CallerAudioQueue(LiveRequestQueue):
         return self.owner.exhausted
 
     def offer(self, blob: types.Blob) -> bool:
-        if self._queue.qsize() >= CALLER_BACKLOG_LIMIT:
-            return False
+        """Queues caller audio; False when the oldest waiting audio had to make room for it."""
+        room = self._queue.qsize() < CALLER_BACKLOG_LIMIT or not self._drop_oldest_audio()
         self.send_realtime(blob)
-        return True
+        return room
+
+    def _drop_oldest_audio(self) -> bool:
+        """Drops the oldest caller audio waiting; text turns and control requests all stay,
+        in order. True when there was audio to drop."""
+        waiting = [self._queue.get_nowait() for _ in range(self._queue.qsize())]
+        oldest = next((i for i, r in enumerate(waiting) if r.blob is not None), None)
+        if oldest is not None:
+            del waiting[oldest]
+        for request in waiting:
+            self._queue.put_nowait(request)
+        return oldest is not None
 
     def replay(self, requests: Iterable[LiveRequest]) -> None:
         """Sends these first (instead of any replay not sent yet: `requests` holds it too)."""
@@ -257,14 +269,17 @@ class LiveSupervisor:
         """Caller frames dropped because the model was not reading them."""
 
     def send_caller_audio(self, pcm: bytes) -> None:
-        accepted = self.queue.offer(types.Blob(data=pcm, mime_type=CALLER_AUDIO_MIME))
-        if accepted == self._dropping:  # dropping starts or stops
-            self._dropping = not accepted
-            if accepted:
+        room = self.queue.offer(types.Blob(data=pcm, mime_type=CALLER_AUDIO_MIME))
+        if room == self._dropping:  # dropping starts or stops
+            self._dropping = not room
+            if room:
                 self._log("the model reads caller audio again")
             else:
-                self._log("the model is not reading: dropping caller audio", level=logging.WARNING)
-        if not accepted:
+                self._log(
+                    "the model is not reading: dropping the oldest caller audio",
+                    level=logging.WARNING,
+                )
+        if not room:
             self.caller_audio_dropped += 1
 
     def send_text(self, text: str) -> None:
