@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+from collections.abc import Awaitable, Callable
 
 import pytest
 
@@ -113,10 +114,7 @@ class FakeClock:
 
 async def test_player_keeps_only_the_lead_ahead_and_clears_everything() -> None:
     clock = FakeClock()
-    sent: list[dict[str, object]] = []
-
-    async def send(text: str) -> None:
-        sent.append(json.loads(text))
+    sent, send = _wire()
 
     player = Player(lead_ms=400, clock=clock)
     task = asyncio.create_task(player.run())
@@ -225,10 +223,7 @@ async def test_late_messages_are_measured_as_gaps_the_caller_heard() -> None:
 async def test_the_lead_grows_by_the_round_trip_up_to_a_bound() -> None:
     clock = FakeClock()
     start = clock.now
-    sent: list[dict[str, object]] = []
-
-    async def send(text: str) -> None:
-        sent.append(json.loads(text))
+    sent, send = _wire()
 
     player = Player(lead_ms=400, clock=clock)
     player.attach("MZ1", send)
@@ -278,10 +273,7 @@ async def test_a_reply_starts_with_one_message_that_outlasts_the_jitter() -> Non
     """Twilio plays the first message as soon as it arrives: if it were 40 ms long, the next
     one, 90 ms later by jitter, would leave a 50 ms silence."""
     clock = FakeClock()
-    sent: list[dict[str, object]] = []
-
-    async def send(text: str) -> None:
-        sent.append(json.loads(text))
+    sent, send = _wire()
 
     def media() -> list[int]:
         """The length of each media message sent."""
@@ -313,6 +305,16 @@ async def test_a_reply_starts_with_one_message_that_outlasts_the_jitter() -> Non
     assert media()[2:] == [320]
 
 
+def _wire() -> tuple[list[dict[str, object]], Callable[[str], Awaitable[None]]]:
+    """What the player sends to Twilio, decoded, and the sender that collects it."""
+    sent: list[dict[str, object]] = []
+
+    async def send(text: str) -> None:
+        sent.append(json.loads(text))
+
+    return sent, send
+
+
 def _media_audio(sent: list[dict[str, object]]) -> bytes:
     return b"".join(
         base64.b64decode(m["media"]["payload"])  # type: ignore[index]
@@ -321,21 +323,26 @@ def _media_audio(sent: list[dict[str, object]]) -> bytes:
     )
 
 
-async def test_a_hold_clears_twilio_and_resume_plays_on_from_where_the_caller_stopped() -> None:
-    """A cough over the agent: what the caller had not heard comes back, none of it twice."""
-    clock = FakeClock()
-    sent: list[dict[str, object]] = []
-
-    async def send(text: str) -> None:
-        sent.append(json.loads(text))
-
-    player = Player(lead_ms=400, clock=clock)
+async def _heard_300_ms(
+    player: Player, clock: FakeClock, send: Callable[[str], Awaitable[None]]
+) -> bytes:
+    """Plays a 1.28 s reply, every byte telling where it was, 400 ms ahead of the caller's
+    ear, until they have heard 300 ms of it; returns the reply."""
     player.attach("MZ1", send)
-    reply = bytes(range(256)) * 40  # 1.28 s, every byte telling where it was
+    reply = bytes(range(256)) * 40
     player.enqueue(reply)
     await player.flush()  # 400 ms out
     assert player.on_mark("1") is True  # the first 200 ms played...
     clock.now += 0.3  # ...and 100 ms of the second
+    return reply
+
+
+async def test_a_hold_clears_twilio_and_resume_plays_on_from_where_the_caller_stopped() -> None:
+    """A cough over the agent: what the caller had not heard comes back, none of it twice."""
+    clock = FakeClock()
+    sent, send = _wire()
+    player = Player(lead_ms=400, clock=clock)
+    reply = await _heard_300_ms(player, clock, send)
     assert await player.hold() is True
     assert sent[-1] == {"event": "clear", "streamSid": "MZ1"}
     assert player.busy()
@@ -358,12 +365,24 @@ async def test_a_hold_clears_twilio_and_resume_plays_on_from_where_the_caller_st
     assert resent == reply[2400:] + b"\x01" * 800  # from 300 ms on, then what came meanwhile
 
 
+async def test_a_new_stream_gets_what_the_old_one_had_not_played() -> None:
+    """Twilio reconnected the stream: its buffer on the old one is gone, so the audio the
+    caller had not heard goes out again, first, over the new one (and no clear: it is new)."""
+    clock = FakeClock()
+    _, send_old = _wire()
+    new, send_new = _wire()
+    player = Player(lead_ms=400, clock=clock)
+    reply = await _heard_300_ms(player, clock, send_old)
+    player.attach("MZ2", send_new)
+    await player.flush()
+    assert {m["event"] for m in new} == {"media", "mark"}
+    assert reply[2400:].startswith(_media_audio(new))
+    assert all(m["streamSid"] == "MZ2" for m in new)
+
+
 async def test_a_hold_then_clear_drops_the_held_audio() -> None:
     clock = FakeClock()
-    sent: list[dict[str, object]] = []
-
-    async def send(text: str) -> None:
-        sent.append(json.loads(text))
+    sent, send = _wire()
 
     player = Player(lead_ms=400, clock=clock)
     player.attach("MZ1", send)

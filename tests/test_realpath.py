@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from websockets.asyncio.client import connect
 
 from telephony.call import asset
 from telephony.testing.gemini_live import (
@@ -171,6 +172,31 @@ async def test_barge_in(
         await _hang_up(server, sim)
     [connection] = _connections(gemini, first)
     assert bool(_sent(connection, "interrupted")) == model_generating
+
+
+async def test_a_replaced_media_stream_carries_on_the_same_conversation(
+    server: RunningServer, gemini: GeminiLiveService
+) -> None:
+    """Twilio opens a second stream for a call in progress: the old socket is closed, the new
+    one carries the same live session (no second greeting, no second connection), and the
+    caller's next question is answered over it."""
+    first = len(gemini.connections)
+    async with _call(server) as sim:
+        await _greeted(sim)
+        url = server.base_url.replace("http", "ws") + "/stream"
+        async with connect(url, compression=None) as ws:
+            again = CallerSimulator(ws, call_sid=sim.call_sid, parameters=sim.parameters)
+            await again.begin()
+            await asyncio.wait_for(sim.closed.wait(), 3)  # the server let the old one go
+            await asyncio.sleep(1.5)
+            assert not again.log.heard  # no second greeting
+            _, end = await say(again, "sunday")
+            await wait_until(lambda: _heard_after(again, end), 4, "the answer")
+            await again.agent_quiet(0.8)
+            assert _echo_score(again, end, "sunday") > 0.9
+            await _hang_up(server, again)
+    [connection] = _connections(gemini, first)
+    assert len(connection.text_turns) == 1  # the greeting, once
 
 
 async def test_a_key_press_reaches_the_model_and_is_answered(

@@ -157,6 +157,8 @@ class Call:
         self.player = Player(lead_ms=options.playback_lead_ms, clock=clock)
         self.stream_sid = ""
         self._attached = asyncio.Event()
+        self._stream: asyncio.Event | None = None
+        """Set once the current media stream is replaced by a new one."""
         self.done = asyncio.Event()
         """Set once the call is over, whoever ended it; the socket handler then hangs up."""
         self.end_reason = ""
@@ -219,7 +221,14 @@ class Call:
         if self._options.greeting:
             self.live.send_text(self._options.greeting)
 
-    def attach(self, start: Start, send: Callable[[str], Awaitable[None]]) -> None:
+    def attach(self, start: Start, send: Callable[[str], Awaitable[None]]) -> asyncio.Event:
+        """The call's audio now flows over this media stream. A second stream for the call
+        (Twilio reconnected) takes over from the first: the returned event is set then, and
+        the old stream's handler lets it go without ending the call."""
+        if self._stream is not None:
+            self._stream.set()
+            self._log("media stream %s replaces the previous one", start.stream_sid)
+        self._stream = replaced = asyncio.Event()
         self.stream_sid = start.stream_sid
         self._last_media = self._clock()
         if (recorder := self.recorder) is not None:
@@ -233,6 +242,7 @@ class Call:
         self.player.attach(start.stream_sid, send)
         self._attached.set()
         self._log("media stream %s attached", start.stream_sid)
+        return replaced
 
     async def handle(self, event: InboundEvent) -> None:
         """One message from Twilio, in order."""

@@ -247,10 +247,15 @@ class Player:
         """(when sent, mean square) per message, as far back as `ECHO_WINDOW_S` plus the lead."""
 
     def attach(self, stream_sid: str, send: Callable[[str], Awaitable[None]]) -> None:
-        """The media stream is up: audio queued before it (the greeting) can now flow."""
+        """The media stream is up: audio queued before it (the greeting) can now flow. A new
+        stream replacing the old one starts with an empty buffer at Twilio: what the old one
+        had not played yet is sent again over the new one."""
+        now = self._clock()
+        if self._send is not None:
+            self._requeue(self._take_back(now), now)
         self._stream_sid = stream_sid
         self._send = send
-        self._attached_at = self._clock()
+        self._attached_at = now
         self._wake.set()
 
     def enqueue(self, mulaw: bytes) -> None:
@@ -287,23 +292,31 @@ class Player:
             now = self._clock()
             if self._send is None or not self.ledger.holds_audio(now):
                 return False
-            # A clear sent now reaches Twilio a one-way trip later, and the play position it
-            # cuts at lies a round trip before the last echo is due.
-            trip = self.ledger.round_trip.seconds
-            unheard = int(max(0.0, self.ledger.unplayed_ms(now) / 1000 - trip) * BYTES_PER_SECOND)
-            sent = b"".join(chunk for _, chunk in self._in_flight)
-            held = sent[len(sent) - min(unheard, len(sent)) :]
-            self._in_flight.clear()
-            self.ledger.cleared(now)
+            held = self._take_back(now)
             self.clears += 1
             await self._send(clear_message(self._stream_sid))
             if not self.holding:  # a clear came while the clear went out: nothing is kept
                 return True
-            for i in range(len(held) - len(held) % MAX_MESSAGE_BYTES, -1, -MAX_MESSAGE_BYTES):
-                if piece := held[i : i + MAX_MESSAGE_BYTES]:
-                    self._queue.appendleft((now, piece))
-            self._queued += len(held)
+            self._requeue(held, now)
         return True
+
+    def _take_back(self, now: float) -> bytes:
+        """Forgets the audio sent to Twilio (as a clear sent now does) and returns the part
+        of it the caller has not heard. A clear sent now reaches Twilio a one-way trip later,
+        and the play position it cuts at lies a round trip before the last echo is due."""
+        trip = self.ledger.round_trip.seconds
+        unheard = int(max(0.0, self.ledger.unplayed_ms(now) / 1000 - trip) * BYTES_PER_SECOND)
+        sent = b"".join(chunk for _, chunk in self._in_flight)
+        self._in_flight.clear()
+        self.ledger.cleared(now)
+        return sent[len(sent) - min(unheard, len(sent)) :]
+
+    def _requeue(self, held: bytes, now: float) -> None:
+        """Puts audio taken back at the head of the queue, in messages as `enqueue` makes."""
+        for i in range(len(held) - len(held) % MAX_MESSAGE_BYTES, -1, -MAX_MESSAGE_BYTES):
+            if piece := held[i : i + MAX_MESSAGE_BYTES]:
+                self._queue.appendleft((now, piece))
+        self._queued += len(held)
 
     def resume(self) -> None:
         """Plays on from where the caller stopped hearing (see `hold`)."""

@@ -194,9 +194,10 @@ async def drain(app: Quart, timeout_s: float) -> None:
 
 async def serve_stream(calls: CallRegistry) -> None:
     """Reads one Media Stream until Twilio stops it, the socket closes or the call ends
-    (returning closes the socket, and Twilio moves on to the TwiML after <Connect>)."""
+    (returning closes the socket, and Twilio moves on to the TwiML after <Connect>). A stream
+    replaced by a newer one for the same call closes without ending the call."""
     finished = asyncio.Event()
-    claimed: list[Call] = []
+    claimed: list[tuple[Call, asyncio.Event]] = []
     reader = asyncio.create_task(_read_stream(calls, claimed, finished))
     try:
         await finished.wait()
@@ -205,11 +206,14 @@ async def serve_stream(calls: CallRegistry) -> None:
         # The reader may have claimed a call in the step it was cancelled in: let it finish
         # before closing what it claimed.
         await asyncio.wait({reader})
-        for call in claimed:
-            await call.close("media stream closed")
+        for call, replaced in claimed:
+            if not replaced.is_set():
+                await call.close("media stream closed")
 
 
-async def _read_stream(calls: CallRegistry, claimed: list[Call], finished: asyncio.Event) -> None:
+async def _read_stream(
+    calls: CallRegistry, claimed: list[tuple[Call, asyncio.Event]], finished: asyncio.Event
+) -> None:
     watchers: list[asyncio.Task[None]] = []
     where = "stream"
     bad = 0
@@ -260,24 +264,30 @@ async def _read_stream(calls: CallRegistry, claimed: list[Call], finished: async
                 params = event.custom_parameters
                 info = CallInfo(event.call_sid, params.get("caller", ""), params.get("callee", ""))
                 call = calls.claim(info)
-                claimed.append(call)
                 if connected is not None and call.recorder is not None:
                     call.recorder.twilio_in(*connected)
                 # bound here: the call's tasks run outside the websocket context
-                call.attach(event, _sender(call, websocket.send))
+                replaced = call.attach(event, _sender(call, websocket.send))
+                claimed.append((call, replaced))
                 where = f"call {event.call_sid}"
-                watchers.append(asyncio.create_task(_set_when(call.done, finished)))
+                watchers += [
+                    asyncio.create_task(_set_when(call.done, finished)),
+                    asyncio.create_task(_set_when(replaced, finished)),
+                ]
                 continue
             if not claimed:
                 if refuse(f"ignored {type(event).__name__.lower()} before start"):
                     return
                 continue
-            if event.stream_sid != claimed[0].stream_sid:
+            call, replaced = claimed[0]
+            if replaced.is_set():  # a newer stream carries the call now
+                return
+            if event.stream_sid != call.stream_sid:
                 if refuse(f"ignored a message for stream {event.stream_sid:.40}"):
                     return
                 continue
-            await claimed[0].handle(event)
-            if claimed[0].done.is_set():
+            await call.handle(event)
+            if call.done.is_set():
                 return
     finally:
         for watcher in watchers:

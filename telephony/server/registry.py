@@ -58,13 +58,11 @@ class CallRegistry:
 
     def claim(self, info: CallInfo) -> Call:
         """Called when a media stream starts: the pre-started call, or a fresh one. A second
-        stream for a call that already has one replaces it (Twilio reconnected)."""
+        stream for a call that already has one replaces it (Twilio reconnected): the same call
+        goes on over it, its conversation and live session intact."""
         call = self._calls.get(info.call_sid)
         if call is not None and info.call_sid in self._attached:
             log.warning("call %s: a second media stream replaces the first", info.call_sid)
-            self._spawn(call.close("replaced by a new media stream"))
-            self._forget(call)
-            call = None
         if call is None:
             call = self._new(info)
         self._attached.add(info.call_sid)

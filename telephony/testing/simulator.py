@@ -296,7 +296,8 @@ class CallerSimulator:
         self._ws = ws
         self.call_sid = call_sid
         self.stream_sid = "MZ" + call_sid[2:]
-        self._parameters = parameters
+        self.parameters = parameters
+        """The stream's custom parameters (Twilio sends them again on a new stream)."""
         self.continuous = continuous
         """Like real Twilio, send silence frames whenever the caller has nothing to say."""
         self._clock = clock or asyncio.get_running_loop().time
@@ -346,7 +347,7 @@ class CallerSimulator:
             account_sid="AC" + "0" * 32,
             call_sid=self.call_sid,
             tracks=("inbound",),
-            custom_parameters=self._parameters,
+            custom_parameters=self.parameters,
         )
         await self._send(start.to_json())
         self.log.started = self._clock()
