@@ -137,7 +137,8 @@ async def test_player_keeps_only_the_lead_ahead_and_clears_everything() -> None:
     assert player.busy()
     assert await player.clear() is True
     assert sent[-1] == {"event": "clear", "streamSid": "MZ1"}
-    assert player.queued_bytes == 0 and player.dropped_bytes == 3200
+    assert player.queued_bytes == 0 and player.dropped_bytes == 7200
+    assert player.heard_to == 800  # the caller heard 100 ms of the second
     assert player.ledger.unplayed_ms(clock.now) == 0
     for name in ("1", "2", "3"):
         assert player.on_mark(name) is False

@@ -9,14 +9,17 @@ expected-to-fail (strict), naming the defect, so the fix flips them.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from google.adk.events import Event
 from websockets.asyncio.client import connect
 
 from telephony.call import asset
+from telephony.call.supervisor import NOTE_METADATA_KEY
 from telephony.testing.gemini_live import (
     ConnectionRecord,
     FaultPlan,
@@ -169,9 +172,49 @@ async def test_barge_in(
         await wait_until(lambda: _heard_after(sim, barge_end), 4, "the answer to the barge-in")
         await sim.agent_quiet(0.6)
         assert _echo_score(sim, barge_end, "stop") > 0.9
+        heard_s = _heard_between(sim, reply, sim.log.clears[0])
         await _hang_up(server, sim)
     [connection] = _connections(gemini, first)
     assert bool(_sent(connection, "interrupted")) == model_generating
+    told = _told_what_was_heard(connection, heard_s)
+    [stored] = [e for e in _session_events(server, sim.call_sid) if e.custom_metadata]
+    kept = stored.custom_metadata[NOTE_METADATA_KEY]  # history marks the words never heard
+    assert (kept["heard"], kept["unheard"]) == told
+
+
+def _told_what_was_heard(connection: ConnectionRecord, heard_s: float) -> tuple[str, str]:
+    """The model was told, before the caller's interruption came to it, which words of its
+    reply the caller heard: those spoken in the audio they heard, in proportion. Returns
+    the words heard and those not heard."""
+    [at] = [i for i, t in enumerate(connection.context) if NOTE.match(t.text)]
+    reply, note, interruption = connection.context[at - 1 : at + 2]
+    assert (reply.role, interruption.role) == ("model", "user")
+    assert interruption.text.startswith("(caller speech")
+    found = NOTE.match(note.text)
+    assert found is not None
+    heard, unheard = found["heard"] or "", found["unheard"]
+    assert heard.split() + unheard.split() == reply.text.split()
+    words = len(reply.text.split())
+    assert abs(len(heard.split()) - words * heard_s / reply.audio_s) <= 1
+    return heard, unheard
+
+
+NOTE = re.compile(
+    r'\(The caller interrupted you(?:\. Of your last reply they heard only: "(?P<heard>.*)"\.'
+    r'| before hearing any of your last reply\.) They did not hear: "(?P<unheard>.*)"\)'
+)
+
+
+def _session_events(server: RunningServer, call_sid: str) -> list[Event]:
+    runner = server.app.extensions["telephony.runner"]
+    found = asyncio.run_coroutine_threadsafe(
+        runner.session_service.get_session(
+            app_name=runner.app_name, user_id="+15550001111", session_id=call_sid
+        ),
+        server.loop,
+    ).result(5)
+    assert found is not None
+    return list(found.events)
 
 
 async def test_a_replaced_media_stream_carries_on_the_same_conversation(

@@ -198,3 +198,24 @@ async def test_what_the_caller_says_while_the_model_is_away_reaches_it_when_it_i
         assert _echo_score(sim, end, "sunday") > 0.9
         await _hang_up(server, sim)
     assert server.calls.metrics.caller_audio_dropped_s > 0  # the outage did overflow
+
+
+async def test_a_restart_brings_back_what_the_caller_did_not_hear(
+    unresumable_server: RunningServer, gemini: GeminiLiveService
+) -> None:
+    """The caller cuts a reply off; later the connection drops and, with no handle, the new
+    one is given the call's history: the note of what the caller heard is in it."""
+    first = len(gemini.connections)
+    gemini.plan(FaultPlan.drop(after_turns=3))  # the greeting, the cut reply, the next answer
+    async with _call(unresumable_server) as sim:
+        await _greeted(sim)
+        _, end = await say(sim, "hello")
+        await wait_until(lambda: _heard_after(sim, end), 3, "the answer")
+        await asyncio.sleep(1.0)
+        _, barge_end = await say(sim, "stop")
+        await wait_until(lambda: _heard_after(sim, barge_end), 4, "the answer to the barge-in")
+        await wait_until(lambda: len(gemini.connections) == first + 2, 8, "the restart")
+        await _hang_up(unresumable_server, sim)
+    old, new = _connections(gemini, first)
+    [note] = [t for t in old.text_turns if t.startswith("(The caller interrupted you")]
+    assert note in new.text_turns  # sent again as history

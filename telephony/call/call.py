@@ -28,6 +28,7 @@ from google.adk.runners import Runner
 from ..audio import InboundConverter, OutboundConverter
 from ..audio.vad import SpeechStart, VoiceActivityDetector
 from ..twilio.media_stream import Dtmf, InboundEvent, Mark, Media, Start, Stop
+from .heard import Reply
 from .keys import KeyBuffer, keys_text
 from .logs import CallLogger
 from .playback import Player, UnknownMark
@@ -171,6 +172,9 @@ class Call:
         """Holds that ended in the agent playing on (a cough, an "mm-hm", a short noise)."""
         self._held = False
         """A hold cut the caller off from agent audio they had not heard yet."""
+        self._reply: Reply | None = None
+        """The model's latest reply, until the next one starts: the caller may cut it off
+        while it plays, long after the model finished it."""
         self.recorder: CallRecorder | None = None
         if options.record_dir:
             try:
@@ -301,6 +305,9 @@ class Call:
                 if await self.player.clear():
                     self.barge_ins += 1
                     self._log("barge-in (%s): cleared playback", action.source)
+                    if (reply := self._reply) is not None and reply.heard_to is None:
+                        reply.heard_to = self.player.heard_to
+                        self._tell_what_was_heard()
             elif isinstance(action, RestartModel):
                 self.live.restart(f"no model events for {action.waited_s:.0f} s")
 
@@ -364,14 +371,42 @@ class Call:
                     self._on_agent_audio(blob.data, blob.mime_type or "")
         if event.input_transcription and event.input_transcription.finished:
             self._log("caller said: %s", self._log.words(event.input_transcription.text or ""))
-        if event.output_transcription and event.output_transcription.finished:
-            self._log("agent said: %s", self._log.words(event.output_transcription.text or ""))
+        if (said := event.output_transcription) and said.text:
+            self._current_reply().transcribed(said.text, finished=bool(said.finished))
+            if said.finished:
+                self._log("agent said: %s", self._log.words(said.text))
         if event.interrupted:
             self._log("model reports the caller interrupted it")
             await self._act(self.turns.handle(MODEL_INTERRUPTED))
         elif event.turn_complete:
             self.turns.handle(MODEL_TURN_COMPLETE)
+        if event.interrupted or event.turn_complete:
+            self._reply_done()
         await self.player.flush()
+
+    def _current_reply(self) -> Reply:
+        """The reply the model is generating: a new one once the last is done."""
+        if self._reply is None or self._reply.done:
+            self._reply = Reply(self.player.queued_total)
+        return self._reply
+
+    def _reply_done(self) -> None:
+        if self._reply is not None:
+            self._reply.done = True
+            self._tell_what_was_heard()
+
+    def _tell_what_was_heard(self) -> None:
+        """Once a reply the caller cut off is complete, the model learns what of it they
+        heard (see `heard`), in the same live session."""
+        if self._reply is None or (note := self._reply.note()) is None:
+            return
+        self._reply = None
+        self._log(
+            "the caller heard %.1f s of a %.1f s reply: telling the model",
+            note.heard_s,
+            note.generated_s,
+        )
+        self.live.send_note(note.text, note.record())
 
     def _on_reconnect(self) -> bool:
         """A new live connection replaced the old one, whose turn ended without turn_complete:
@@ -379,12 +414,14 @@ class Call:
         and none came, or it was cut off)."""
         owed = self.turns.generating or self.turns.awaiting_reply_since is not None
         self.turns.handle(SESSION_RESTARTED)
+        self._reply_done()
         return owed
 
     def _on_agent_audio(self, pcm: bytes, mime_type: str) -> None:
         if mime_type.replace(" ", "") != AGENT_AUDIO_MIME:
             self._log("dropped agent audio in unexpected format %s", mime_type, level=logging.ERROR)
             return
+        self._current_reply().audio(len(pcm))
         if self.turns.handle(AGENT_AUDIO):
             self.player.enqueue(self._outbound.convert(pcm))
 

@@ -232,7 +232,12 @@ class Player:
         self.gaps = Histogram()
         """Per message sent: silence the caller heard because it left late (0 when on time)."""
         self.dropped_bytes = 0
-        """Unsent audio dropped by clears."""
+        """Audio dropped by clears before the caller heard it."""
+        self.queued_total = 0
+        """All the agent audio ever queued (bytes): a position on this scale says where a
+        piece of it lies."""
+        self.heard_to = 0
+        """Where (on `queued_total`'s scale) the caller stopped hearing at the last clear."""
         self.overflow_bytes = 0
         """Audio refused because the queue was full."""
         self._queued = 0
@@ -269,6 +274,7 @@ class Player:
         for i in range(0, len(mulaw), MAX_MESSAGE_BYTES):
             self._queue.append((now, mulaw[i : i + MAX_MESSAGE_BYTES]))
         self._queued += len(mulaw)
+        self.queued_total += len(mulaw)
         self._wake.set()
 
     @property
@@ -342,16 +348,19 @@ class Player:
         dropped = self.queued_bytes
         self._queue.clear()
         self._queued = 0
-        self.dropped_bytes += dropped
         self.holding = False
         # After a media message already on its way, never before it: that one would play.
         async with self._sending:
-            if self._send is None or not self.ledger.holds_audio(self._clock()):
+            now = self._clock()
+            send = self._send if self.ledger.holds_audio(now) else None
+            if send is not None:
+                dropped += len(self._take_back(now))
+            self.dropped_bytes += dropped
+            self.heard_to = self.queued_total - dropped
+            if send is None:
                 return dropped > 0
-            self._in_flight.clear()
-            self.ledger.cleared(self._clock())
             self.clears += 1
-            await self._send(clear_message(self._stream_sid))
+            await send(clear_message(self._stream_sid))
         return True
 
     def on_mark(self, name: str) -> bool:

@@ -41,6 +41,7 @@ __all__ = [
     "CALLER_AUDIO_MIME",
     "CALLER_BACKLOG_LIMIT",
     "CONNECTION_WINDOW_S",
+    "NOTE_METADATA_KEY",
     "REPLAY_AUDIO_S",
     "RESTART_BACKOFF_CAP_S",
     "RESTART_BACKOFF_S",
@@ -65,6 +66,8 @@ RESTART_BACKOFF_CAP_S = 4.0
 """A restart waits RESTART_BACKOFF_S, doubled for each other connection within the window, up
 to this."""
 _CALLER_AUDIO_BYTES_PER_S = 32000
+NOTE_METADATA_KEY = "telephony_note"
+"""The custom metadata key of a note's session event (see `LiveSupervisor.send_note`)."""
 
 
 class ModelStalled(RuntimeError):
@@ -152,6 +155,8 @@ class CallerAudioQueue(LiveRequestQueue):
         self.agent_context: InvocationContext | None = None
         """The context of the agent reading this queue (its reconnects read the handle there)."""
         self._replay: deque[LiveRequest] = deque()
+        self._notes: deque[tuple[LiveRequest, dict[str, Any]]] = deque()
+        """Notes waiting in the queue, in order, with what to store with each."""
         self._sender: asyncio.Task[Any] | None = None
         self._sender_connection = 0
         """Which of the run's connections (from 1) `_sender` reads for."""
@@ -201,8 +206,32 @@ class CallerAudioQueue(LiveRequestQueue):
         if self._replay:
             return self._replay.popleft()
         request = await super().get()
+        if self._notes and request is self._notes[0][0]:
+            await self._store(request, self._notes.popleft()[1])
         self.owner.sent(request)
         return request
+
+    def send_note(self, request: LiveRequest, record: dict[str, Any]) -> None:
+        self._notes.append((request, record))
+        self.send(request)
+
+    async def _store(self, note: LiveRequest, record: dict[str, Any]) -> None:
+        """ADK stores no partial turn; a note belongs in the history all the same (a restart
+        without a resumption handle rebuilds the model's context from it). Stored from ADK's
+        sender, on the session object its live flow appends to, as ADK stores text turns."""
+        context = self.agent_context
+        if context is None:
+            return
+        event = Event(
+            invocation_id=context.invocation_id,
+            author="user",
+            content=note.content,
+            custom_metadata={NOTE_METADATA_KEY: record},
+        )
+        try:
+            await context.session_service.append_event(session=context.session, event=event)
+        except Exception as exc:  # the note still reaches the model; only the record is lost
+            self.owner.note_not_stored(exc)
 
     def _current(self) -> int:
         """The connection in progress, counted against the budget the first time it is seen."""
@@ -285,6 +314,12 @@ class LiveSupervisor:
     def send_text(self, text: str) -> None:
         self.queue.send_content(types.Content(role="user", parts=[types.Part(text=text)]))
 
+    def send_note(self, text: str, record: dict[str, Any]) -> None:
+        """Tells the model something it must not answer (a partial turn: no turn_complete),
+        and keeps it in the session's history with `record` as its custom metadata."""
+        content = types.Content(role="user", parts=[types.Part(text=text)])
+        self.queue.send_note(LiveRequest(content=content, partial=True), record)
+
     def restart(self, reason: str) -> None:
         """Abandons the running live session (it is stuck) for a new one."""
         self._abandon(ModelStalled(reason))
@@ -312,7 +347,11 @@ class LiveSupervisor:
     def sent(self, request: LiveRequest) -> None:
         """Keeps caller input handed to ADK, for a new connection should the old one go."""
         content = request.content
-        if request.close or (content and any(p.function_response for p in content.parts or [])):
+        if (
+            request.close
+            or request.partial  # a note, or ADK's own tool streaming: nothing to answer
+            or (content and any(p.function_response for p in content.parts or []))
+        ):
             return
         self._unanswered.append(request)
         if request.blob is not None and request.blob.data:
@@ -326,6 +365,9 @@ class LiveSupervisor:
     def exhausted(self) -> bool:
         """The connection budget is spent: no more reconnects."""
         return isinstance(self._failure, ReconnectsExhausted)
+
+    def note_not_stored(self, exc: Exception) -> None:
+        self._log("a note to the model was not stored in the session: %r", exc, level=logging.ERROR)
 
     def reconnected(self) -> None:
         """ADK opened another connection for the running run_live."""
