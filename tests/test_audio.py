@@ -160,6 +160,21 @@ def test_every_chunk_yields_its_share_at_once() -> None:
         assert out == fed // 2 // 3
 
 
+def test_a_flush_ends_the_audio_whole_and_the_next_starts_afresh() -> None:
+    """What the filter holds back comes out at a flush, as the silence after it would push it
+    out, and what follows is converted as by a new converter (an odd byte is not carried)."""
+    speech24 = PcmResampler().convert(InboundConverter().convert(fixture("weather")))
+    first, second = speech24[:12_345], speech24[12_345:]
+    conv = OutboundConverter()
+    assert conv.flush() == b""  # nothing fed: no silence to send
+    heard = conv.convert(first) + conv.flush()
+    made = OutboundConverter().convert(first + bytes(48000))
+    assert heard == made[: len(heard)]
+    assert not pcm(made[len(heard) :]).any()
+    assert len(heard) - len(first) // 6 < 80  # its delay and decay: under 10 ms
+    assert conv.convert(second) == OutboundConverter().convert(second)
+
+
 def test_echo_resampler_keeps_speech() -> None:
     """16 kHz -> 24 kHz for the simulated model: same sound, 1.5x the samples."""
     pcm16 = InboundConverter().convert(fixture("stop"))

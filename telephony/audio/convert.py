@@ -119,6 +119,9 @@ class Resampler:
         )
         self._weights = weights.T if up > 1 else weights[0]
         self._tail = np.zeros(self._width - down, np.float32)
+        self.flush_samples = self._width - 1
+        """Zeros that push out every output the input so far contributes to: the longest
+        history the filter keeps."""
         self.delay_samples_in = (len(taps) - 1) / 2 / up
         """Group delay, in input samples."""
 
@@ -194,15 +197,35 @@ class OutboundConverter:
     OUT_RATE = 8000
 
     def __init__(self, *, native: bool | None = None) -> None:
-        self.resampler = Resampler(1, 3, _DOWN3, native=native)
-        self._samples = _Pcm16Samples()
+        self._native = NATIVE if native is None else native
+        self._restart()
         self.delay_ms = 1000 * self.resampler.delay_samples_in / self.IN_RATE
 
+    def _restart(self) -> None:
+        self.resampler = Resampler(1, 3, _DOWN3, native=self._native)
+        self._samples = _Pcm16Samples()
+        self._fed = False
+
     def convert(self, pcm16_24k: bytes) -> bytes:
+        self._fed = self._fed or bool(pcm16_24k)
         if self.resampler.kernel is not None:
             return self.resampler.kernel.pcm16_to_ulaw(pcm16_24k)
         y = to_int16(self.resampler.process(self._samples.take(pcm16_24k)))
         return _ENCODE[y.view(np.uint16)].tobytes()
+
+    def flush(self) -> bytes:
+        """Ends a stretch of audio (one reply of the model's): returns the rest of it, which
+        the filter still holds, and starts the next from silence (b"" when nothing was fed).
+
+        The filter returns each output `delay_ms` late, and only once later input pushes it
+        out. The model's replies reach us back to back, without the silence between them: left
+        in, a reply's last milliseconds would play at the start of the next (a click), cut off
+        from the reply they end."""
+        if not self._fed:
+            return b""
+        rest = self.convert(bytes(2 * self.resampler.flush_samples))
+        self._restart()
+        return rest
 
 
 class PcmResampler:

@@ -375,13 +375,14 @@ class Call:
             self._current_reply().transcribed(said.text, finished=bool(said.finished))
             if said.finished:
                 self._log("agent said: %s", self._log.words(said.text))
+        if event.interrupted or event.turn_complete:
+            self._end_agent_audio()
+            self._reply_done()  # a cut-off reply's note goes once the cut is known
         if event.interrupted:
             self._log("model reports the caller interrupted it")
             await self._act(self.turns.handle(MODEL_INTERRUPTED))
         elif event.turn_complete:
             self.turns.handle(MODEL_TURN_COMPLETE)
-        if event.interrupted or event.turn_complete:
-            self._reply_done()
         await self.player.flush()
 
     def _current_reply(self) -> Reply:
@@ -424,6 +425,14 @@ class Call:
         self._current_reply().audio(len(pcm))
         if self.turns.handle(AGENT_AUDIO):
             self.player.enqueue(self._outbound.convert(pcm))
+
+    def _end_agent_audio(self) -> None:
+        """The model's turn is over: the end of its audio that the converter still holds plays
+        now, behind it, not at the start of the next turn (see `OutboundConverter.flush`).
+        Called before the turn state hears of the end: the rest is the turn's own audio, played,
+        held or dropped as the turn's is."""
+        if (rest := self._outbound.flush()) and self.turns.handle(AGENT_AUDIO):
+            self.player.enqueue(rest)
 
     def _task_ended(self, task: asyncio.Task[None]) -> None:
         if task.cancelled() or task.exception() is None:
