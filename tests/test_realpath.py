@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from google.adk.events import Event
+from google.adk.sessions import Session
 from websockets.asyncio.client import connect
 
 from telephony.call import asset
@@ -177,7 +177,7 @@ async def test_barge_in(
     [connection] = _connections(gemini, first)
     assert bool(_sent(connection, "interrupted")) == model_generating
     told = _told_what_was_heard(connection, heard_s)
-    [stored] = [e for e in _session_events(server, sim.call_sid) if e.custom_metadata]
+    [stored] = [e for e in _session(server, sim.call_sid).events if e.custom_metadata]
     kept = stored.custom_metadata[NOTE_METADATA_KEY]  # history marks the words never heard
     assert (kept["heard"], kept["unheard"]) == told
 
@@ -205,16 +205,16 @@ NOTE = re.compile(
 )
 
 
-def _session_events(server: RunningServer, call_sid: str) -> list[Event]:
+def _session(server: RunningServer, call_sid: str, caller: str = "+15550001111") -> Session:
     runner = server.app.extensions["telephony.runner"]
     found = asyncio.run_coroutine_threadsafe(
         runner.session_service.get_session(
-            app_name=runner.app_name, user_id="+15550001111", session_id=call_sid
+            app_name=runner.app_name, user_id=caller, session_id=call_sid
         ),
         server.loop,
     ).result(5)
     assert found is not None
-    return list(found.events)
+    return found
 
 
 async def test_a_replaced_media_stream_carries_on_the_same_conversation(
@@ -365,6 +365,34 @@ async def test_a_tool_call_is_run_and_answered(
     [response] = connection.tool_responses
     assert response["name"] == "opening_hours"
     assert response["response"] == {"day": "Sunday", "hours": "closed"}
+
+
+async def test_a_sip_call_s_facts_are_in_session_state_and_the_agent_s_instruction(
+    tool_server: RunningServer, gemini: GeminiLiveService
+) -> None:
+    """A call to a Twilio SIP Domain: the webhook's facts ride the stream to the call, the
+    session starts with them in its state, and ADK's `{telephony_caller}` templating puts the
+    caller in the user's agent's instruction."""
+    first = len(gemini.connections)
+    sip = {
+        "SipDomain": "example.sip.twilio.com",
+        "SipCallId": "a84b4c76e66710@pbx.example.com",
+        "SipHeader_X-Customer": "4711",
+    }
+    caller = "sip:alice@pbx.example.com"
+    async with _call(tool_server, caller=caller, webhook_fields=sip) as sim:
+        await _greeted(sim)
+        await _hang_up(tool_server, sim)
+    [connection] = _connections(gemini, first)
+    instruction = connection.setup["systemInstruction"]["parts"][0]["text"]  # type: ignore[index]
+    assert f"The caller's number is {caller}." in instruction
+    state = _session(tool_server, sim.call_sid, caller).state
+    assert state["telephony_caller"] == caller
+    assert state["telephony_called"] == "+15550002222"
+    assert state["telephony_direction"] == "inbound"
+    assert state["telephony_call_sid"] == sim.call_sid
+    assert state["telephony_sip"] == sip
+    assert state["telephony_parameters"] == {}
 
 
 async def test_a_call_over_a_300_ms_round_trip(

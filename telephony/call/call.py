@@ -16,10 +16,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from google.adk.agents.run_config import RunConfig
 from google.adk.events import Event
@@ -85,6 +86,38 @@ class CallInfo:
     call_sid: str
     caller: str
     callee: str
+    direction: str = "inbound"
+    """Twilio's `Direction`: inbound, outbound-api, outbound-dial."""
+    parameters: Mapping[str, str] = field(default_factory=dict)
+    """The stream's other <Parameter>s: SIP details (`Sip...`) and any custom ones."""
+
+    @classmethod
+    def from_parameters(cls, call_sid: str, parameters: Mapping[str, str]) -> CallInfo:
+        """From a stream's custom parameters (see `twiml.call_parameters`)."""
+        others = {k: v for k, v in parameters.items() if k not in _OWN_PARAMETERS}
+        return cls(
+            call_sid,
+            parameters.get("caller", ""),
+            parameters.get("callee", ""),
+            parameters.get("direction", "") or "inbound",
+            others,
+        )
+
+    def state(self) -> dict[str, Any]:
+        """The session state an agent sees from its first turn (its instruction can say
+        `{telephony_caller}`); the keys are documented in README."""
+        sip = {k: v for k, v in self.parameters.items() if k.startswith("Sip")}
+        return {
+            "telephony_call_sid": self.call_sid,
+            "telephony_caller": self.caller,
+            "telephony_called": self.callee,
+            "telephony_direction": self.direction,
+            "telephony_sip": sip,
+            "telephony_parameters": {k: v for k, v in self.parameters.items() if k not in sip},
+        }
+
+
+_OWN_PARAMETERS = frozenset({"callSid", "caller", "callee", "direction"})
 
 
 @dataclass(frozen=True)
@@ -144,6 +177,7 @@ class Call:
             run_config,
             user_id=info.caller or "unknown",
             session_id=info.call_sid,
+            state=info.state(),
             restarts=options.model_restarts,
             connections_per_minute=options.model_connections_per_minute,
             on_event=self._on_model_event,

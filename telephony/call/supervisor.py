@@ -252,6 +252,7 @@ class LiveSupervisor:
         *,
         user_id: str,
         session_id: str,
+        state: dict[str, Any] | None = None,
         restarts: int,
         connections_per_minute: int,
         on_event: Callable[[Event, bool], Awaitable[None]],
@@ -267,6 +268,8 @@ class LiveSupervisor:
         self._run_config = run_config
         self._user_id = user_id
         self._session_id = session_id
+        self._state = state or {}
+        """The session's state when the call creates it (the caller's facts)."""
         self._restarts = restarts
         self._budget = connections_per_minute
         self._on_event = on_event
@@ -393,6 +396,7 @@ class LiveSupervisor:
         """Runs the live session, and again when it fails; returns None once it ends by itself
         (or the call stopped it), the last error once it has failed too often in a row (any
         model output in between resets the count) or opened too many connections."""
+        await self._create_session()
         failures = 0
         while True:
             if not self._count_connection():
@@ -440,6 +444,21 @@ class LiveSupervisor:
             await asyncio.sleep(delay)
             if self.stopped:  # the call ended during the backoff
                 return None
+
+    async def _create_session(self) -> None:
+        """Creates the call's session with its state, so the agent knows the call from its
+        first turn (ADK would create it empty). A session that exists is left as it is."""
+        sessions = self._runner.session_service
+        key = {
+            "app_name": self._runner.app_name,
+            "user_id": self._user_id,
+            "session_id": self._session_id,
+        }
+        try:
+            if await sessions.get_session(**key) is None:
+                await sessions.create_session(**key, state=self._state)
+        except Exception as exc:  # ADK creates it (without the state) when it can
+            self._log("session not created: %r", exc, level=logging.ERROR)
 
     async def _run_live(self, handle: str | None) -> None:
         run_config = self._run_config

@@ -17,7 +17,7 @@ from ..call.logs import mask_number
 from ..settings import Settings
 from ..twilio.media_stream import Connected, ProtocolError, Start, parse
 from ..twilio.signatures import SignatureChecker, websocket_url
-from ..twilio.twiml import busy, connect_stream
+from ..twilio.twiml import busy, call_parameters, connect_stream
 from .capacity import LoopMonitor
 from .registry import CallRegistry
 from .sessions import PersistentSqliteSessionService
@@ -143,15 +143,15 @@ def create_app(settings: Settings, spec: AgentSpec | None = None) -> Quart:
             calls.metrics.calls_refused_total += 1
             log.warning("call %s: turned away: %s", call_sid, reason)
             return Response(busy(), content_type="text/xml")
-        info = CallInfo(call_sid, form.get("From", ""), form.get("To", ""))
+        parameters = call_parameters(form)
+        info = CallInfo.from_parameters(call_sid, parameters)
         shown = mask_number if settings.mask_callers else str
         log.info(
             "call %s: incoming from %s to %s", call_sid, shown(info.caller), shown(info.callee)
         )
         calls.prestart(info)
         twiml = connect_stream(
-            websocket_url(stream_base(base), STREAM_PATH),
-            {"callSid": call_sid, "caller": info.caller, "callee": info.callee},
+            websocket_url(stream_base(base), STREAM_PATH), {"callSid": call_sid, **parameters}
         )
         return Response(twiml, content_type="text/xml")
 
@@ -261,9 +261,9 @@ async def _read_stream(
                     if refuse("ignored a second start on the same socket"):
                         return
                     continue
-                params = event.custom_parameters
-                info = CallInfo(event.call_sid, params.get("caller", ""), params.get("callee", ""))
-                call = calls.claim(info)
+                call = calls.claim(
+                    CallInfo.from_parameters(event.call_sid, event.custom_parameters)
+                )
                 if connected is not None and call.recorder is not None:
                     call.recorder.twilio_in(*connected)
                 # bound here: the call's tasks run outside the websocket context

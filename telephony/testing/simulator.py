@@ -40,7 +40,7 @@ import urllib.parse
 import urllib.request
 import xml.etree.ElementTree as ET
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Protocol
@@ -655,6 +655,7 @@ async def place_call(
     network: Network | None = None,
     echo: Echo | None = None,
     interjections: Sequence[Interjection] = (),
+    webhook_fields: Mapping[str, str] | None = None,
 ) -> AsyncIterator[CallerSimulator]:
     """Does what Twilio does when a call comes in, up to an open Media Stream: over the
     network to `base_url`, or in-process to a Quart `app` (already started, e.g. inside
@@ -663,11 +664,19 @@ async def place_call(
     `public_url` is the URL Twilio would have used (what the server validates signatures
     against); it defaults to `base_url` (`http://localhost` in-process). `network`, `echo`
     and `interjections` make the line and the caller more like real ones (see the module's
-    docstring); the `network` slows the Media Stream, not the webhook."""
+    docstring); the `network` slows the Media Stream, not the webhook. `webhook_fields` adds
+    to (or replaces) the webhook's form fields, e.g. a SIP Domain's `SipDomain`."""
     if bool(base_url) == (app is not None):
         raise ValueError("place_call needs a base_url or an app, not both")
     public = (public_url or base_url or "http://localhost").rstrip("/")
-    form = {"CallSid": call_sid, "From": caller, "To": callee, "AccountSid": "AC" + "0" * 32}
+    form = {
+        "CallSid": call_sid,
+        "From": caller,
+        "To": callee,
+        "AccountSid": "AC" + "0" * 32,
+        "Direction": "inbound",
+        **(webhook_fields or {}),
+    }
     headers = {}
     signer = SignatureChecker(auth_token, public) if auth_token else None
     if signer:

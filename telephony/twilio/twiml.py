@@ -4,9 +4,26 @@ from __future__ import annotations
 
 from twilio.twiml.voice_response import Connect, Stream, VoiceResponse
 
-__all__ = ["BUSY_MESSAGE", "busy", "connect_stream"]
+__all__ = ["BUSY_MESSAGE", "SIP_FIELDS", "busy", "call_parameters", "connect_stream"]
 
 BUSY_MESSAGE = "Sorry, we cannot take your call right now. Please try again in a few minutes."
+
+
+SIP_FIELDS = ("SipDomain", "SipDomainSid", "SipCallId", "SipSourceIp", "SipUsername")
+"""What Twilio tells the webhook of a call to a SIP Domain, besides its `SipHeader_X-*`s."""
+_CALL_FIELDS = {"From": "caller", "To": "callee", "Direction": "direction"}
+
+
+def call_parameters(form: dict[str, str]) -> dict[str, str]:
+    """The facts of a call from its webhook, as the stream's <Parameter>s: the stream's
+    `start` carries them to whichever instance takes the stream, and the agent gets them in
+    its session state. Numbers, direction, and for SIP Domain calls the SIP details and the
+    custom `X-` headers (`SipHeader_X-...`)."""
+    facts = {name: form[field] for field, name in _CALL_FIELDS.items() if form.get(field)}
+    for field, value in form.items():
+        if value and (field in SIP_FIELDS or field.startswith("SipHeader_X-")):
+            facts[field] = value
+    return facts
 
 
 def busy(message: str = BUSY_MESSAGE) -> str:

@@ -11,6 +11,9 @@ def opening_hours(day: str) -> dict[str, str]:
 root_agent = LlmAgent(
     name="opening_hours",
     model="gemini-2.5-flash-native-audio-preview-12-2025",
-    instruction="You answer the phone for a restaurant. Use opening_hours when asked.",
+    instruction=(
+        "You answer the phone for a restaurant. The caller's number is {telephony_caller}. "
+        "Use opening_hours when asked."
+    ),
     tools=[opening_hours],
 )
