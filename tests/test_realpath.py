@@ -395,6 +395,27 @@ async def test_a_sip_call_s_facts_are_in_session_state_and_the_agent_s_instructi
     assert state["telephony_parameters"] == {}
 
 
+async def test_the_agent_ends_the_call_once_its_goodbye_is_heard(
+    server: RunningServer, gemini: GeminiLiveService
+) -> None:
+    """The model calls `end_call` and then says its last reply (3.x models answer the tool's
+    result): the caller hears all of it, then the call is hung up."""
+    first = len(gemini.connections)
+    gemini.plan(FaultPlan.tool_call("end_call", after_turns=1))
+    async with _call(server) as sim:
+        await _greeted(sim)
+        _, end = await say(sim, "sunday")
+        await asyncio.wait_for(sim.closed.wait(), 10)
+        hung_up = time.monotonic()
+        assert _echo_score(sim, end, "sunday") > 0.9  # the goodbye, whole
+        assert hung_up - max(h.end for h in sim.log.heard) < 1.0
+    [connection] = _connections(gemini, first)
+    [response] = connection.tool_responses
+    assert response["name"] == "end_call"
+    assert "ending" in response["response"]["result"]
+    await wait_until(lambda: server.calls.get(sim.call_sid) is None, 5, "the call to end")
+
+
 async def test_a_call_over_a_300_ms_round_trip(
     server: RunningServer, gemini: GeminiLiveService
 ) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from telephony.call.turns import (
     AGENT_AUDIO,
     CLOSING,
+    HANG_UP,
+    HANG_UP_MAX_S,
     MODEL_INTERRUPTED,
     MODEL_TURN_COMPLETE,
     PLAY,
@@ -13,6 +15,7 @@ from telephony.call.turns import (
     CallerSpeechEnded,
     CallerSpeechStarted,
     CallerVoice,
+    HangUpRequested,
     Hold,
     Interrupt,
     ModelOutput,
@@ -153,3 +156,31 @@ def test_after_a_restart_cut_a_reply_off_the_new_answer_replaces_its_rest() -> N
     assert turns.handle(ModelOutput(5.0)) == (Interrupt("a reconnect cut the reply off"),)
     assert turns.handle(ModelOutput(5.1)) == ()
     assert turns.handle(AGENT_AUDIO) == (PLAY,)
+
+
+def test_end_call_hangs_up_once_the_goodbye_after_it_has_been_heard() -> None:
+    turns = TurnState(stall_s=15.0)
+    turns.handle(HangUpRequested(10.0))  # the tool runs; the goodbye follows its result
+    assert turns.handle(Tick(10.5)) == ()
+    turns.handle(ModelOutput(10.6))
+    turns.handle(AGENT_AUDIO)
+    assert turns.handle(Tick(11.0, playing=True)) == ()
+    turns.handle(MODEL_TURN_COMPLETE)
+    assert turns.handle(Tick(11.5, playing=True)) == ()  # still playing at the caller's end
+    assert turns.handle(Tick(12.5, playing=False)) == (HANG_UP,)
+
+
+def test_end_call_after_the_goodbye_hangs_up_when_the_model_has_no_more_to_say() -> None:
+    turns = TurnState(stall_s=15.0)
+    turns.handle(ModelOutput(9.0))
+    turns.handle(HangUpRequested(10.0))
+    assert turns.handle(Tick(11.9)) == ()
+    assert turns.handle(Tick(12.0)) == (HANG_UP,)
+
+
+def test_end_call_ends_the_call_within_a_bound_whatever_happens() -> None:
+    turns = TurnState(stall_s=100.0)
+    turns.handle(HangUpRequested(0.0))
+    turns.handle(AGENT_AUDIO)  # a model that never stops talking
+    assert turns.handle(Tick(HANG_UP_MAX_S - 0.1, playing=True)) == ()
+    assert turns.handle(Tick(HANG_UP_MAX_S, playing=True)) == (HANG_UP,)

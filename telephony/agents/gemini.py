@@ -5,6 +5,8 @@ from __future__ import annotations
 from google.adk.agents import LlmAgent
 from google.adk.apps import App
 
+from ..call.tools import PhoneToolset
+
 __all__ = ["PHONE_INSTRUCTION", "gemini_app"]
 
 PHONE_INSTRUCTION = """\
@@ -13,9 +15,13 @@ Speak the way people speak on the phone: short sentences, one idea at a time, no
 no markdown, no emoji, and never read out URLs or long numbers unless asked.
 Start by greeting the caller in one short sentence and asking how you can help.
 If you did not catch something, say so and ask again. If the caller interrupts you, stop
-and listen. Keep answers brief unless the caller asks for detail."""
+and listen. Keep answers brief unless the caller asks for detail.
+When the caller says goodbye or has nothing more to ask, say a short goodbye and call
+end_call."""
 
 
 def gemini_app(model: str) -> App:
-    agent = LlmAgent(name="phone_agent", model=model, instruction=PHONE_INSTRUCTION)
+    agent = LlmAgent(
+        name="phone_agent", model=model, instruction=PHONE_INSTRUCTION, tools=[PhoneToolset()]
+    )
     return App(name="phone_agent", root_agent=agent)

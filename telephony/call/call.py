@@ -35,6 +35,7 @@ from .logs import CallLogger
 from .playback import Player, UnknownMark
 from .recording import CallRecorder
 from .supervisor import CallerAudioQueue, LiveSupervisor, ModelStalled
+from .tools import register
 from .turns import (
     AGENT_AUDIO,
     CLOSING,
@@ -45,6 +46,8 @@ from .turns import (
     CallerSpeechEnded,
     CallerSpeechStarted,
     CallerVoice,
+    HangUp,
+    HangUpRequested,
     Hold,
     Interrupt,
     ModelOutput,
@@ -256,6 +259,7 @@ class Call:
         ]
         for task in self._tasks:
             task.add_done_callback(self._task_ended)
+        register(self.info.call_sid, self)
         if self._options.greeting:
             self.live.send_text(self._options.greeting)
 
@@ -344,6 +348,8 @@ class Call:
                         self._tell_what_was_heard()
             elif isinstance(action, RestartModel):
                 self.live.restart(f"no model events for {action.waited_s:.0f} s")
+            elif isinstance(action, HangUp):
+                self.end("the agent ended the call")
 
     async def _watch_caller(self) -> None:
         """Twilio normally streams 20 ms every 20 ms; when the caller's frames stop, tell the
@@ -353,7 +359,7 @@ class Call:
         while True:
             await asyncio.sleep(period)
             now = self._clock()
-            await self._act(self.turns.handle(Tick(now)))
+            await self._act(self.turns.handle(Tick(now, playing=self.player.busy())))
             if (keys := self._keys.due(now)) is not None:
                 self._send_keys(keys)
             if (
@@ -474,6 +480,11 @@ class Call:
         self._log("task %s failed: %r", task.get_name(), task.exception(), level=logging.ERROR)
         self.end(f"internal error in {task.get_name()}")
 
+    def end_after_reply(self) -> None:
+        """The agent's `end_call`: the call ends once its goodbye has been heard."""
+        self._log("the agent ends the call once its goodbye is heard")
+        self.turns.handle(HangUpRequested(self._clock()))
+
     def end(self, reason: str) -> None:
         """Marks the call over, whoever ends it (the socket handler then hangs up)."""
         if not self.end_reason:
@@ -488,6 +499,7 @@ class Call:
         await asyncio.shield(self._closing)
 
     async def _shutdown(self) -> None:
+        register(self.info.call_sid, None)
         self.live.close()
         try:
             await self._end_tasks()

@@ -34,6 +34,11 @@ __all__ = [
     "CallerVoice",
     "Closing",
     "Event",
+    "HANG_UP",
+    "HANG_UP_MAX_S",
+    "HANG_UP_QUIET_S",
+    "HangUp",
+    "HangUpRequested",
     "Hold",
     "Interrupt",
     "ModelInterrupted",
@@ -109,8 +114,17 @@ class Closing:
 
 
 @dataclass(frozen=True, slots=True)
+class HangUpRequested:
+    """The agent ended the call (its `end_call` tool): once its goodbye has been heard."""
+
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
 class Tick:
     now: float
+    playing: bool = False
+    """Agent audio is queued or may still be playing at the caller's end."""
 
 
 Event = (
@@ -123,6 +137,7 @@ Event = (
     | ModelTurnComplete
     | SessionRestarted
     | Closing
+    | HangUpRequested
     | Tick
 )
 
@@ -168,10 +183,20 @@ class RestartModel:
     waited_s: float
 
 
-Action = Hold | Resume | Interrupt | Play | RestartModel
+@dataclass(frozen=True, slots=True)
+class HangUp:
+    """End the call now: the agent asked to, and its last words have been heard."""
+
+
+Action = Hold | Resume | Interrupt | Play | RestartModel | HangUp
 
 PLAY = Play()
 RESUME = Resume()
+HANG_UP = HangUp()
+HANG_UP_QUIET_S = 2.0
+"""After `end_call`, a model silent this long has no more goodbye to say."""
+HANG_UP_MAX_S = 30.0
+"""After `end_call`, the call ends within this long whatever the model and the caller do."""
 _NOTHING: tuple[Action, ...] = ()
 _PLAY: tuple[Action, ...] = (PLAY,)
 _RESUME: tuple[Action, ...] = (RESUME,)
@@ -184,6 +209,11 @@ class TurnState:
     def __init__(
         self, *, stall_s: float, min_speech_ms: int = 500, resume_after_ms: int = 600
     ) -> None:
+        self.hang_up_at: float | None = None
+        """When the agent asked to end the call."""
+        self._said_since_hang_up = False
+        """A model turn ended after the request: the goodbye (if any) is all generated."""
+        self._last_output = 0.0
         self.stall_s = stall_s
         self.min_speech_ms = min_speech_ms
         self.resume_after_ms = resume_after_ms
@@ -223,7 +253,8 @@ class TurnState:
                 if self.holding and silence >= self.resume_after_ms:
                     self.holding = False
                     return _RESUME
-            case ModelOutput():
+            case ModelOutput(at=at):
+                self._last_output = at
                 self.awaiting_reply_since = None
                 if self._cut_off:
                     self._cut_off = False
@@ -255,18 +286,35 @@ class TurnState:
                 return actions
             case ModelTurnComplete():
                 self._end_turn()
+            case HangUpRequested(at=at):
+                if self.hang_up_at is None:
+                    self.hang_up_at, self._said_since_hang_up = at, False
             case SessionRestarted():
                 self._cut_off = self.generating
                 self._end_turn()
             case Closing():
                 self.closing = True
                 self.watching = self.holding = False
-            case Tick(now=now):
+            case Tick(now=now, playing=playing):
+                if self._hang_up_due(now, playing):
+                    return (HANG_UP,)
                 since = self.awaiting_reply_since
                 if since is not None and now - since >= self.stall_s:
                     self.awaiting_reply_since = now  # still waiting: watch the next session
                     return (RestartModel(now - since),)
         return _NOTHING
+
+    def _hang_up_due(self, now: float, playing: bool) -> bool:
+        """After `end_call`, the goodbye: the model may say it before the tool call (in the
+        same turn) or after (the reply to the tool's result). Either way the call ends once
+        the caller has heard all of it: a turn has ended since, or the model has been quiet
+        for `HANG_UP_QUIET_S`, and nothing is left to play. `HANG_UP_MAX_S` bounds it all."""
+        if self.hang_up_at is None:
+            return False
+        if now - self.hang_up_at >= HANG_UP_MAX_S:
+            return True
+        quiet = now - max(self.hang_up_at, self._last_output) >= HANG_UP_QUIET_S
+        return not playing and not self.generating and (self._said_since_hang_up or quiet)
 
     def _interrupt(self, source: str) -> tuple[Action, ...]:
         if self.generating:
@@ -274,5 +322,6 @@ class TurnState:
         return (Interrupt(source),)
 
     def _end_turn(self) -> None:
+        self._said_since_hang_up = self.hang_up_at is not None
         self.generating = False
         self.discarding = False
