@@ -8,6 +8,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from urllib.parse import urlsplit
 
+from .twilio.targets import AllowList, TargetError, transfer_target
+
 __all__ = ["Settings", "SettingsError"]
 
 DEFAULT_GREETING = "(The phone call has just connected. Greet the caller briefly.)"
@@ -65,6 +67,12 @@ class Settings:
     model_connections_per_minute: int = 6
     """Live connections a call may open within any 60 s (the first, ADK's reconnects after a
     go_away or a drop, and restarts); one more ends the call with the apology."""
+    transfer_to: str = ""
+    """Where the built-in agent's `transfer_call` sends a caller who asks for a person (an
+    E.164 number or a SIP URI); empty: it has no transfer tool."""
+    transfer_allow: str = ""
+    """Where any agent's `transfer_call` may send callers: numbers, number prefixes (`+1800*`),
+    SIP URIs and SIP domains (`@example.com`), comma-separated; empty: only `transfer_to`."""
     max_calls: int = 0
     """Calls beyond this many at once are turned away with a busy message (0: no limit)."""
     max_loop_lag_ms: float = 50.0
@@ -142,11 +150,23 @@ class Settings:
                 "TELEPHONY_DRAIN_S must be 0 or more and TELEPHONY_STREAM_CONNECT_TIMEOUT_S "
                 "positive"
             )
+        try:
+            transfers = self.transfers()
+        except TargetError as exc:
+            raise SettingsError(
+                f"TELEPHONY_TRANSFER_TO / TELEPHONY_TRANSFER_ALLOW: {exc}"
+            ) from None
+        if self.transfer_to and not transfers.allows(transfer_target(self.transfer_to)):
+            raise SettingsError("TELEPHONY_TRANSFER_TO is not in TELEPHONY_TRANSFER_ALLOW")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             raise SettingsError(
                 "TELEPHONY_LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL, "
                 f"got {self.log_level!r}"
             )
+
+    def transfers(self) -> AllowList:
+        """Where transfers may go (raises `TargetError` for a malformed entry)."""
+        return AllowList.parse(self.transfer_allow or self.transfer_to)
 
 
 def _check_origin(name: str, url: str) -> None:

@@ -12,8 +12,8 @@ import telephony
 PACKAGE = Path(telephony.__file__).parent
 RANK = {
     "audio": 0,
-    "settings": 0,
     "twilio": 1,
+    "settings": 1,  # it checks Twilio-side values (transfer targets) with the twilio wing
     "call": 2,
     "agents": 2,
     "server": 3,

@@ -64,7 +64,8 @@ def load_agent(name: str, settings: Settings) -> AgentSpec:
         from .gemini import gemini_app
         from .models import default_model
 
-        return AgentSpec(gemini_app(settings.model or default_model()), run_config, greeting)
+        app = gemini_app(settings.model or default_model(), settings.transfer_to)
+        return AgentSpec(app, run_config, greeting)
     return AgentSpec(_load_folder(Path(name)), run_config, greeting)
 
 

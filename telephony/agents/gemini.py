@@ -20,8 +20,15 @@ When the caller says goodbye or has nothing more to ask, say a short goodbye and
 end_call."""
 
 
-def gemini_app(model: str) -> App:
+def gemini_app(model: str, transfer_to: str = "") -> App:
+    """`transfer_to`: where a caller who asks for a person is sent (none: nowhere)."""
+    instruction = PHONE_INSTRUCTION
+    if transfer_to:
+        instruction += (
+            "\nIf the caller asks for a person, or you cannot help them, tell them you are "
+            f"transferring them, then call transfer_call with transfer_to {transfer_to}."
+        )
     agent = LlmAgent(
-        name="phone_agent", model=model, instruction=PHONE_INSTRUCTION, tools=[PhoneToolset()]
+        name="phone_agent", model=model, instruction=instruction, tools=[PhoneToolset()]
     )
     return App(name="phone_agent", root_agent=agent)

@@ -3,6 +3,6 @@
 `Call` owns the call's tasks; its playback (what Twilio still holds unplayed) lives in
 `playback`, its recording in `recording`."""
 
-from .call import CALL_TASKS, Call, CallInfo, CallOptions, ModelStalled, asset
+from .call import CALL_TASKS, Call, CallInfo, CallOptions, Handover, ModelStalled, asset
 
-__all__ = ["CALL_TASKS", "Call", "CallInfo", "CallOptions", "ModelStalled", "asset"]
+__all__ = ["CALL_TASKS", "Call", "CallInfo", "CallOptions", "Handover", "ModelStalled", "asset"]

@@ -29,6 +29,7 @@ from google.adk.runners import Runner
 from ..audio import InboundConverter, OutboundConverter
 from ..audio.vad import SpeechStart, VoiceActivityDetector
 from ..twilio.media_stream import Dtmf, InboundEvent, Mark, Media, Start, Stop
+from ..twilio.targets import AllowList, TargetError, key_digits, transfer_target
 from .heard import Reply
 from .keys import KeyBuffer, keys_text
 from .logs import CallLogger
@@ -57,7 +58,16 @@ from .turns import (
     TurnState,
 )
 
-__all__ = ["CALL_TASKS", "Call", "CallInfo", "CallOptions", "ModelStalled", "asset"]
+__all__ = [
+    "CALL_TASKS",
+    "Call",
+    "CallInfo",
+    "CallOptions",
+    "Handover",
+    "ModelStalled",
+    "TargetError",
+    "asset",
+]
 
 AGENT_AUDIO_MIME = "audio/pcm;rate=24000"
 ECHO_RETURN_LOSS = 10 ** (-20 / 10)
@@ -73,6 +83,9 @@ ATTACH_WAIT_S = 5.0
 """Last words for a call whose stream is not open yet wait this long for it."""
 LAST_WORDS_MARGIN_S = 2.0
 """Beyond its own length, how long a closing message may take to play before we hang up."""
+STREAM_RETURN_S = 60.0
+"""A call that let its stream go for Twilio to press keys ends if no new stream comes by then
+(64 keys with pauses take well under it)."""
 
 
 def asset(name: str) -> bytes:
@@ -106,6 +119,11 @@ class CallInfo:
             others,
         )
 
+    def stream_parameters(self) -> dict[str, str]:
+        """What `from_parameters` reads back (the call's <Parameter>s for a new stream)."""
+        own = {"callSid": self.call_sid, "caller": self.caller, "callee": self.callee}
+        return {**own, "direction": self.direction, **self.parameters}
+
     def state(self) -> dict[str, Any]:
         """The session state an agent sees from its first turn (its instruction can say
         `{telephony_caller}`); the keys are documented in README."""
@@ -121,6 +139,16 @@ class CallInfo:
 
 
 _OWN_PARAMETERS = frozenset({"callSid", "caller", "callee", "direction"})
+
+
+@dataclass(frozen=True)
+class Handover:
+    """How a call leaves its media stream, for the stream's `<Connect action>` to carry out:
+    hang up (neither set), connect the caller elsewhere, or press keys and come back on a new
+    stream for the same call."""
+
+    transfer_to: str = ""
+    digits: str = ""
 
 
 @dataclass(frozen=True)
@@ -149,6 +177,8 @@ class CallOptions:
     model_connections_per_minute: int = 6
     """Live connections (the first, ADK's reconnects and restarts) allowed within any 60 s;
     one more means the service keeps dropping us: the caller hears an apology and the call ends."""
+    transfer_allow: AllowList = field(default_factory=lambda: AllowList([]))
+    """Where the agent's `transfer_call` may send the caller (empty: nowhere)."""
 
 
 class Call:
@@ -196,7 +226,13 @@ class Call:
         self.stream_sid = ""
         self._attached = asyncio.Event()
         self._stream: asyncio.Event | None = None
-        """Set once the current media stream is replaced by a new one."""
+        """Set once the call lets its current media stream go: a new one replaced it, or the
+        call handed the caller to Twilio (`handover`)."""
+        self._leaving: Handover | None = None
+        """What the agent asked for (its tools), once its last words are heard."""
+        self.handover: Handover | None = None
+        """What the stream's `<Connect action>` is to do now that the call let it go."""
+        self._return_timer: asyncio.TimerHandle | None = None
         self.done = asyncio.Event()
         """Set once the call is over, whoever ended it; the socket handler then hangs up."""
         self.end_reason = ""
@@ -267,9 +303,12 @@ class Call:
         """The call's audio now flows over this media stream. A second stream for the call
         (Twilio reconnected) takes over from the first: the returned event is set then, and
         the old stream's handler lets it go without ending the call."""
-        if self._stream is not None:
+        if self._stream is not None and not self._stream.is_set():
             self._stream.set()
             self._log("media stream %s replaces the previous one", start.stream_sid)
+        if self._return_timer is not None:
+            self._return_timer.cancel()
+            self._return_timer = None
         self._stream = replaced = asyncio.Event()
         self.stream_sid = start.stream_sid
         self._last_media = self._clock()
@@ -349,7 +388,7 @@ class Call:
             elif isinstance(action, RestartModel):
                 self.live.restart(f"no model events for {action.waited_s:.0f} s")
             elif isinstance(action, HangUp):
-                self.end("the agent ended the call")
+                self._leave()
 
     async def _watch_caller(self) -> None:
         """Twilio normally streams 20 ms every 20 ms; when the caller's frames stop, tell the
@@ -480,10 +519,57 @@ class Call:
         self._log("task %s failed: %r", task.get_name(), task.exception(), level=logging.ERROR)
         self.end(f"internal error in {task.get_name()}")
 
+    @property
+    def stream_released(self) -> bool:
+        """The call let its stream go and waits for a new one (keys being pressed)."""
+        return self._stream is not None and self._stream.is_set() and not self.done.is_set()
+
+    @property
+    def transfers_allowed(self) -> bool:
+        return bool(self._options.transfer_allow)
+
     def end_after_reply(self) -> None:
         """The agent's `end_call`: the call ends once its goodbye has been heard."""
         self._log("the agent ends the call once its goodbye is heard")
+        self._after_reply(Handover())
+
+    def transfer(self, target: str) -> str:
+        """The agent's `transfer_call`: once its handover line is heard, Twilio connects the
+        caller to `target`. Raises `TargetError` for a target it may not or cannot use."""
+        checked = transfer_target(target)
+        if not self._options.transfer_allow.allows(checked):
+            raise TargetError(f"transfers to {target} are not allowed")
+        self._log("the agent transfers the caller to %s", self._log.number(checked))
+        self._after_reply(Handover(transfer_to=checked))
+        return checked
+
+    def press_keys(self, digits: str) -> str:
+        """The agent's `send_dtmf`: once what it says now is heard, the stream ends, Twilio
+        plays the tones (tones written into a bidirectional stream are reported not to
+        pass), and a new stream carries on this call. Raises `TargetError` for bad keys."""
+        checked = key_digits(digits)
+        self._log("the agent presses %s", self._log.keys(checked))
+        self._after_reply(Handover(digits=checked))
+        return checked
+
+    def _after_reply(self, handover: Handover) -> None:
+        self._leaving = handover
         self.turns.handle(HangUpRequested(self._clock()))
+
+    def _leave(self) -> None:
+        """The agent's last words before a handover have been heard: let the stream go."""
+        handover, self._leaving = self._leaving or Handover(), None
+        self.handover = handover
+        if handover.transfer_to:
+            self.end(f"transferred to {self._log.number(handover.transfer_to)}")
+        elif not handover.digits:
+            self.end("the agent ended the call")
+        elif self._stream is not None:
+            self.player.detach()
+            self._stream.set()
+            self._return_timer = asyncio.get_running_loop().call_later(
+                STREAM_RETURN_S, self.end, "no media stream after the keys were pressed"
+            )
 
     def end(self, reason: str) -> None:
         """Marks the call over, whoever ends it (the socket handler then hangs up)."""
@@ -500,6 +586,8 @@ class Call:
 
     async def _shutdown(self) -> None:
         register(self.info.call_sid, None)
+        if self._return_timer is not None:
+            self._return_timer.cancel()
         self.live.close()
         try:
             await self._end_tasks()

@@ -263,6 +263,14 @@ class Player:
         self._attached_at = now
         self._wake.set()
 
+    def detach(self) -> None:
+        """The call let its stream go (Twilio presses keys, then opens a new one): nothing is
+        sent until `attach`, and what the caller had not heard goes out again then."""
+        if self._send is not None:
+            now = self._clock()
+            self._requeue(self._take_back(now), now)
+        self._send = None
+
     def enqueue(self, mulaw: bytes) -> None:
         room = MAX_QUEUED_BYTES - self._queued
         if len(mulaw) > room:

@@ -17,16 +17,18 @@ from ..call.logs import mask_number
 from ..settings import Settings
 from ..twilio.media_stream import Connected, ProtocolError, Start, parse
 from ..twilio.signatures import SignatureChecker, websocket_url
-from ..twilio.twiml import busy, call_parameters, connect_stream
+from ..twilio.twiml import busy, call_parameters, connect_stream, dial, hang_up
 from .capacity import LoopMonitor
 from .registry import CallRegistry
 from .sessions import PersistentSqliteSessionService
 
-__all__ = ["STREAM_PATH", "create_app", "drain"]
+__all__ = ["AFTER_STREAM_PATH", "STREAM_PATH", "create_app", "drain"]
 
 log = logging.getLogger(__name__)
 
 STREAM_PATH = "/stream"
+AFTER_STREAM_PATH = "/after-stream"
+"""The `<Connect action>`: where Twilio asks what to do once a call's stream has ended."""
 MAX_FRAME_BYTES = 64 * 1024
 """A 20 ms media frame is about 300 bytes of JSON; anything this large is not Twilio."""
 MAX_BAD_MESSAGES = 50
@@ -64,6 +66,7 @@ def create_app(settings: Settings, spec: AgentSpec | None = None) -> Quart:
         model_stall_s=settings.model_stall_s,
         model_connections_per_minute=settings.model_connections_per_minute,
         mask_callers=settings.mask_callers,
+        transfer_allow=settings.transfers(),
     )
     calls = CallRegistry(
         lambda info: Call(info, runner=runner, run_config=spec.run_config, options=options),
@@ -120,10 +123,10 @@ def create_app(settings: Settings, spec: AgentSpec | None = None) -> Quart:
         )
         return Response(text, content_type="text/plain; version=0.0.4")
 
-    @app.post("/voice")
-    async def voice() -> Response | tuple[str, int]:
+    async def signed_form(base: str) -> dict[str, str] | tuple[str, int]:
+        """A Twilio request's form, once its signature (against `base`) and CallSid are
+        checked; else the refusal to send back."""
         form = (await request.form).to_dict()
-        base = public_base()
         signatures = checker(base)
         if signatures is not None:
             reason = signatures.check_webhook(
@@ -133,27 +136,65 @@ def create_app(settings: Settings, spec: AgentSpec | None = None) -> Quart:
                 request.headers.get("X-Twilio-Signature"),
             )
             if reason:
-                log.warning("webhook %s rejected (403): %s", form.get("CallSid", "?"), reason)
+                log.warning(
+                    "%s for %s rejected (403): %s", request.path, form.get("CallSid", "?"), reason
+                )
                 return "invalid Twilio signature\n", 403
-        call_sid = form.get("CallSid", "")
-        if not call_sid:
-            log.warning("webhook rejected (400): no CallSid in the form")
+        if not form.get("CallSid"):
+            log.warning("%s rejected (400): no CallSid in the form", request.path)
             return "missing CallSid\n", 400
+        return form
+
+    def stream_twiml(base: str, info: CallInfo, digits: str = "") -> Response:
+        """Connects the call's stream to this instance; Twilio asks `AFTER_STREAM_PATH` here
+        what to do when the stream ends."""
+        origin = stream_base(base)
+        twiml = connect_stream(
+            websocket_url(origin, STREAM_PATH),
+            info.stream_parameters(),
+            action=origin + AFTER_STREAM_PATH,
+            digits=digits,
+        )
+        return Response(twiml, content_type="text/xml")
+
+    @app.post("/voice")
+    async def voice() -> Response | tuple[str, int]:
+        base = public_base()
+        form = await signed_form(base)
+        if isinstance(form, tuple):
+            return form
+        call_sid = form["CallSid"]
         if (reason := refusal()) is not None:
             calls.metrics.calls_refused_total += 1
             log.warning("call %s: turned away: %s", call_sid, reason)
             return Response(busy(), content_type="text/xml")
-        parameters = call_parameters(form)
-        info = CallInfo.from_parameters(call_sid, parameters)
+        info = CallInfo.from_parameters(call_sid, call_parameters(form))
         shown = mask_number if settings.mask_callers else str
         log.info(
             "call %s: incoming from %s to %s", call_sid, shown(info.caller), shown(info.callee)
         )
         calls.prestart(info)
-        twiml = connect_stream(
-            websocket_url(stream_base(base), STREAM_PATH), {"callSid": call_sid, **parameters}
-        )
-        return Response(twiml, content_type="text/xml")
+        return stream_twiml(base, info)
+
+    @app.post(AFTER_STREAM_PATH)
+    async def after_stream() -> Response | tuple[str, int]:
+        """Twilio asks what next once a call's stream has ended: connect the caller to where
+        the agent transferred them, press keys and stream again, or hang up."""
+        base = public_base()
+        form = await signed_form(stream_base(base))
+        if isinstance(form, tuple):
+            return form
+        call_sid = form["CallSid"]
+        handover = calls.take_handover(call_sid)
+        if handover is not None and handover.transfer_to:
+            log.info("call %s: connecting the caller to the transfer target", call_sid)
+            return Response(dial(handover.transfer_to), content_type="text/xml")
+        call = calls.get(call_sid)
+        if handover is not None and handover.digits and call is not None:
+            log.info("call %s: Twilio plays the keys, then a new stream", call_sid)
+            return stream_twiml(base, call.info, handover.digits)
+        log.info("call %s: stream over; hanging up", call_sid)
+        return Response(hang_up(), content_type="text/xml")
 
     @app.websocket(STREAM_PATH)
     async def stream() -> tuple[str, int] | None:

@@ -12,12 +12,15 @@ import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from ..call import Call, CallInfo
+from ..call import Call, CallInfo, Handover
 from .metrics import Metrics
 
 __all__ = ["CallRegistry"]
 
 log = logging.getLogger(__name__)
+
+HANDOVER_KEEP_S = 60.0
+"""How long an ended call's handover waits for Twilio to ask for it (`take_handover`)."""
 
 
 class CallRegistry:
@@ -38,6 +41,8 @@ class CallRegistry:
         self.draining = False
         """Shutting down: the webhook turns new calls away."""
         self._emptied = asyncio.Event()
+        self._handovers: dict[str, Handover] = {}
+        """Handovers of calls that ended, until Twilio asks what to do next."""
 
     def __len__(self) -> int:
         return len(self._calls)
@@ -61,7 +66,9 @@ class CallRegistry:
         stream for a call that already has one replaces it (Twilio reconnected): the same call
         goes on over it, its conversation and live session intact."""
         call = self._calls.get(info.call_sid)
-        if call is not None and info.call_sid in self._attached:
+        if call is not None and call.stream_released:
+            log.info("call %s: a new media stream after the keys", info.call_sid)
+        elif call is not None and info.call_sid in self._attached:
             log.warning("call %s: a second media stream replaces the first", info.call_sid)
         if call is None:
             call = self._new(info)
@@ -82,8 +89,20 @@ class CallRegistry:
         self._spawn(self._reap(call))
         return call
 
+    def take_handover(self, call_sid: str) -> Handover | None:
+        """What Twilio should do with a call whose stream we let go (None: hang up)."""
+        call = self._calls.get(call_sid)
+        if call is not None and call.stream_released and call.handover is not None:
+            handover, call.handover = call.handover, None
+            return handover
+        return self._handovers.pop(call_sid, None)
+
     async def _reap(self, call: Call) -> None:
         await call.done.wait()
+        if call.handover is not None:  # before the socket closes and Twilio asks for it
+            sid = call.info.call_sid
+            self._handovers[sid] = call.handover
+            asyncio.get_running_loop().call_later(HANDOVER_KEEP_S, self._handovers.pop, sid, None)
         await call.close(call.end_reason)
         self._forget(call)
         m = self.metrics

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
-from twilio.twiml.voice_response import Connect, Stream, VoiceResponse
+from twilio.twiml.voice_response import Connect, Dial, Stream, VoiceResponse
 
-__all__ = ["BUSY_MESSAGE", "SIP_FIELDS", "busy", "call_parameters", "connect_stream"]
+__all__ = [
+    "BUSY_MESSAGE",
+    "SIP_FIELDS",
+    "busy",
+    "call_parameters",
+    "connect_stream",
+    "dial",
+    "hang_up",
+]
 
 BUSY_MESSAGE = "Sorry, we cannot take your call right now. Please try again in a few minutes."
 
@@ -34,17 +42,41 @@ def busy(message: str = BUSY_MESSAGE) -> str:
     return str(response)
 
 
-def connect_stream(stream_url: str, parameters: dict[str, str]) -> str:
+def connect_stream(
+    stream_url: str, parameters: dict[str, str], *, action: str = "", digits: str = ""
+) -> str:
     """`<Connect><Stream>`: a bidirectional Media Stream; per-call values ride as <Parameter>s
-    because Twilio strips the query string from the stream URL."""
+    because Twilio strips the query string from the stream URL. With `action`, Twilio asks
+    that URL what to do once the stream ends (a transfer, keys to press, or hang up), so the
+    call needs no REST credentials for those. `digits` are played to the far end first."""
     if not stream_url.startswith("wss://") and not stream_url.startswith("ws://"):
         raise ValueError(f"stream URL must be wss:// (ws:// only on loopback), got {stream_url!r}")
     stream = Stream(url=stream_url)
     for name, value in parameters.items():
         if value:
             stream.parameter(name=name, value=value)
-    connect = Connect()
+    connect = Connect(action=action) if action else Connect()
     connect.append(stream)
     response = VoiceResponse()
+    if digits:
+        response.play(digits=digits)
     response.append(connect)
+    return str(response)
+
+
+def dial(target: str) -> str:
+    """Hands the caller over: `<Dial>` a number, or `<Dial><Sip>` a SIP URI."""
+    response = VoiceResponse()
+    if target.startswith(("sip:", "sips:")):
+        sip = Dial()
+        sip.sip(target)
+        response.append(sip)
+    else:
+        response.dial(target)
+    return str(response)
+
+
+def hang_up() -> str:
+    response = VoiceResponse()
+    response.hangup()
     return str(response)
