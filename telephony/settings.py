@@ -80,8 +80,14 @@ class Settings:
     process does not get a core often enough, and every call's audio would suffer."""
     max_loop_busy: float = 0.9
     """New calls are turned away while the event loop spends more than this share of its
-    time computing (0: never): the process has no time to spare, and one more call would
-    make every call's answers late."""
+    time computing, or would once every call admitted costs what calls have been measured to
+    cost (0: never): the process has no time to spare, and one more call would make every
+    call's answers late."""
+    call_cost: float = 0.02
+    """Share of the event loop one call is assumed to take until calls have settled and their
+    cost is measured: a burst into a fresh process is admitted up to MAX_LOOP_BUSY / this
+    (45). Talking echo calls were learnt at 1.5-1.6% on the bench machine; raise it for a
+    heavier agent."""
     drain_s: float = 30.0
     """On SIGTERM, how long active calls may go on (new ones are turned away) before they
     hear a goodbye and end."""
@@ -129,6 +135,8 @@ class Settings:
             raise SettingsError("TELEPHONY_MAX_CALLS and TELEPHONY_MAX_LOOP_LAG_MS must be >= 0")
         if not 0 <= self.max_loop_busy <= 1:
             raise SettingsError("TELEPHONY_MAX_LOOP_BUSY must be between 0 and 1")
+        if not 0 < self.call_cost <= 1:
+            raise SettingsError("TELEPHONY_CALL_COST must be above 0 and at most 1")
         if self.model_restarts < 0:
             raise SettingsError("TELEPHONY_MODEL_RESTARTS must be 0 or more")
         if self.model_connections_per_minute < 1:

@@ -18,7 +18,7 @@ from ..settings import Settings
 from ..twilio.media_stream import Connected, ProtocolError, Start, parse
 from ..twilio.signatures import SignatureChecker, websocket_url
 from ..twilio.twiml import busy, call_parameters, connect_stream, dial, hang_up
-from .capacity import LoopMonitor
+from .capacity import Admission, LoopMonitor
 from .registry import CallRegistry
 from .sessions import PersistentSqliteSessionService
 
@@ -76,9 +76,10 @@ def create_app(settings: Settings, spec: AgentSpec | None = None) -> Quart:
     app.config["MAX_CONTENT_LENGTH"] = 64 * 1024
     app.extensions["telephony.calls"] = calls
     app.extensions["telephony.runner"] = runner
-    load = LoopMonitor()
+    admission = Admission(settings.max_loop_busy, settings.call_cost)
+    load = LoopMonitor(on_sample=lambda busy, now: admission.learn(busy, len(calls), now))
 
-    def refusal() -> str | None:
+    def refusal(now: float) -> str | None:
         """Why a new call cannot be taken now, if it cannot."""
         if calls.draining:
             return "the server is shutting down"
@@ -88,7 +89,7 @@ def create_app(settings: Settings, spec: AgentSpec | None = None) -> Quart:
             return f"overloaded (event loop {load.lag_ms:.0f} ms late)"
         if settings.max_loop_busy and load.busy > settings.max_loop_busy:
             return f"overloaded (event loop busy {load.busy:.0%} of the time)"
-        return None
+        return admission.refusal(len(calls), now)
 
     def public_base() -> str:
         return settings.public_url.rstrip("/") or f"{request.scheme}://{request.host}"
@@ -112,6 +113,9 @@ def create_app(settings: Settings, spec: AgentSpec | None = None) -> Quart:
             "tasks": len(asyncio.all_tasks()),
             "loop_lag_ms": round(load.lag_ms, 1),
             "loop_busy": round(load.busy, 3),
+            "calls_starting": admission.starting(asyncio.get_running_loop().time()),
+            "call_cost": round(admission.cost, 4),
+            "call_capacity": int(admission.capacity) if admission.budget else None,
         }
         return body, 503 if calls.draining else 200
 
@@ -164,10 +168,12 @@ def create_app(settings: Settings, spec: AgentSpec | None = None) -> Quart:
         if isinstance(form, tuple):
             return form
         call_sid = form["CallSid"]
-        if (reason := refusal()) is not None:
+        now = asyncio.get_running_loop().time()
+        if (reason := refusal(now)) is not None:
             calls.metrics.calls_refused_total += 1
             log.warning("call %s: turned away: %s", call_sid, reason)
             return Response(busy(), content_type="text/xml")
+        admission.admit(now)
         info = CallInfo.from_parameters(call_sid, call_parameters(form))
         shown = mask_number if settings.mask_callers else str
         log.info(
