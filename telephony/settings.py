@@ -67,6 +67,12 @@ class Settings:
     model_connections_per_minute: int = 6
     """Live connections a call may open within any 60 s (the first, ADK's reconnects after a
     go_away or a drop, and restarts); one more ends the call with the apology."""
+    max_call_s: float = 3600.0
+    """A call's time limit: the model is asked to wrap up a minute before, then the caller
+    hears a recorded goodbye and the call ends (0: none)."""
+    caller_idle_s: float = 30.0
+    """A caller silent this long after the agent finished is asked (through the model) whether
+    they are still there; silent as long again, they hear the goodbye (0: never)."""
     transfer_to: str = ""
     """Where the built-in agent's `transfer_call` sends a caller who asks for a person (an
     E.164 number or a SIP URI); empty: it has no transfer tool."""
@@ -151,6 +157,10 @@ class Settings:
             raise SettingsError("TELEPHONY_BARGE_IN_MIN_SPEECH_MS must be 0 or more")
         if not 20 <= self.barge_in_resume_ms <= 600:
             raise SettingsError("TELEPHONY_BARGE_IN_RESUME_MS must be 20-600")
+        if self.max_call_s < 0 or self.caller_idle_s < 0:
+            raise SettingsError("TELEPHONY_MAX_CALL_S and TELEPHONY_CALLER_IDLE_S must be >= 0")
+        if 0 < self.caller_idle_s < 5:
+            raise SettingsError("TELEPHONY_CALLER_IDLE_S must be 0 (off) or at least 5")
         if self.keys_idle_s <= 0:
             raise SettingsError("TELEPHONY_KEYS_IDLE_S must be positive")
         if self.drain_s < 0 or self.stream_connect_timeout_s <= 0:

@@ -20,6 +20,7 @@ from websockets.asyncio.client import connect
 
 from telephony.call import asset
 from telephony.call.supervisor import NOTE_METADATA_KEY
+from telephony.call.turns import IDLE_PROMPT, WRAP_UP_PROMPT
 from telephony.testing.gemini_live import (
     ConnectionRecord,
     FaultPlan,
@@ -414,6 +415,58 @@ async def test_the_agent_ends_the_call_once_its_goodbye_is_heard(
     assert response["name"] == "end_call"
     assert "ending" in response["response"]["result"]
     await wait_until(lambda: server.calls.get(sim.call_sid) is None, 5, "the call to end")
+
+
+@pytest.fixture(scope="module")
+def limited_server(
+    gemini: GeminiLiveService, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningServer]:
+    """Limits short enough to reach in a test: 5 s of caller silence, 24 s a call."""
+    with running_server(
+        tmp_path_factory.mktemp("limits"), agent="", caller_idle_s=5.0, max_call_s=24.0
+    ) as running:
+        yield running
+
+
+async def test_a_silent_caller_is_asked_once_then_hears_the_goodbye(
+    limited_server: RunningServer, gemini: GeminiLiveService
+) -> None:
+    first = len(gemini.connections)
+    async with _call(limited_server) as sim:
+        await _greeted(sim)
+        await asyncio.wait_for(sim.closed.wait(), 20)
+        heard = sim.log.heard_pcm()
+    [connection] = _connections(gemini, first)
+    assert connection.text_turns[1:] == [IDLE_PROMPT]
+    assert _sent(connection, "turnComplete") >= 2  # the model asked (a reply to the prompt)
+    assert best_correlation(heard, pcm(asset("goodbye")))[0] > 0.9
+
+
+async def test_the_time_limit_asks_the_model_to_wrap_up_then_ends_the_call(
+    limited_server: RunningServer, gemini: GeminiLiveService
+) -> None:
+    first = len(gemini.connections)
+
+    async def chat(sim: CallerSimulator) -> None:
+        while True:  # never idle
+            await say(sim, "sunday")
+            await asyncio.sleep(2.0)
+
+    async with _call(limited_server) as sim:
+        started = time.monotonic()
+        await _greeted(sim)
+        talking = asyncio.create_task(chat(sim))
+        try:
+            await asyncio.wait_for(sim.closed.wait(), 30)
+        finally:
+            talking.cancel()
+        ended = time.monotonic() - started
+        heard = sim.log.heard_pcm()
+    [connection] = _connections(gemini, first)
+    assert WRAP_UP_PROMPT in connection.text_turns
+    goodbye = pcm(asset("goodbye"))
+    assert 24 + len(goodbye) / 8000 < ended < 24 + len(goodbye) / 8000 + 2  # then the goodbye
+    assert best_correlation(heard, goodbye)[0] > 0.9
 
 
 async def test_a_call_over_a_300_ms_round_trip(

@@ -75,7 +75,8 @@ def test_simulate_the_real_path_against_the_gemini_standin(tmp_path: Path) -> No
     assert done.returncode == 0, done.stderr
     assert "agent turn 2:" in done.stdout and "ms after the caller stopped" in done.stdout
     assert "Gemini stand-in: 1 connection(s)" in done.stdout
-    assert "models/gemini-3.8-live, 1 text turn(s)" in done.stdout
+    # the greeting, and the note of how much of it the caller heard before talking over it
+    assert "models/gemini-3.8-live, 2 text turn(s)" in done.stdout
     heard = pcm_wav(out)
     assert best_correlation(heard, speech[2400:-4000])[0] > 0.9
 

@@ -7,18 +7,22 @@ from telephony.call.turns import (
     CLOSING,
     HANG_UP,
     HANG_UP_MAX_S,
+    IDLE_PROMPT,
     MODEL_INTERRUPTED,
     MODEL_TURN_COMPLETE,
     PLAY,
     RESUME,
     SESSION_RESTARTED,
+    WRAP_UP_PROMPT,
     CallerSpeechEnded,
     CallerSpeechStarted,
     CallerVoice,
+    Goodbye,
     HangUpRequested,
     Hold,
     Interrupt,
     ModelOutput,
+    Prompt,
     RestartModel,
     Tick,
     TurnState,
@@ -184,3 +188,40 @@ def test_end_call_ends_the_call_within_a_bound_whatever_happens() -> None:
     turns.handle(AGENT_AUDIO)  # a model that never stops talking
     assert turns.handle(Tick(HANG_UP_MAX_S - 0.1, playing=True)) == ()
     assert turns.handle(Tick(HANG_UP_MAX_S, playing=True)) == (HANG_UP,)
+
+
+def test_a_silent_caller_is_asked_once_then_hears_the_goodbye() -> None:
+    turns = TurnState(stall_s=15.0, caller_idle_s=30.0)
+    turns.handle(AGENT_AUDIO)
+    turns.handle(MODEL_TURN_COMPLETE)
+    assert turns.handle(Tick(10.0, playing=True)) == ()  # the caller still hears the agent
+    assert turns.handle(Tick(12.0)) == ()  # heard it all: the silence starts
+    assert turns.handle(Tick(41.9)) == ()
+    assert turns.handle(Tick(42.0)) == (Prompt(IDLE_PROMPT),)
+    turns.handle(AGENT_AUDIO)  # "Are you still there?"
+    turns.handle(MODEL_TURN_COMPLETE)
+    assert turns.handle(Tick(44.0)) == ()
+    assert turns.handle(Tick(74.0)) == (Goodbye("the caller stayed silent"),)
+
+
+def test_a_caller_who_speaks_again_is_not_idle() -> None:
+    turns = TurnState(stall_s=15.0, caller_idle_s=30.0)
+    turns.handle(Tick(0.0))
+    assert turns.handle(Tick(30.0)) == (Prompt(IDLE_PROMPT),)
+    turns.handle(CallerSpeechStarted(31.0, agent_audible=False))
+    assert turns.handle(Tick(70.0)) == ()  # still talking
+    turns.handle(CallerSpeechEnded(71.0))
+    turns.handle(ModelOutput(71.5))
+    turns.handle(MODEL_TURN_COMPLETE)
+    turns.handle(Tick(72.0))
+    assert turns.handle(Tick(102.0)) == (Prompt(IDLE_PROMPT),)  # asked afresh, not hung up
+
+
+def test_the_time_limit_asks_the_model_to_wrap_up_then_ends_with_the_goodbye() -> None:
+    turns = TurnState(stall_s=15.0, started_at=100.0, max_call_s=600.0)
+    assert turns.handle(Tick(639.0, playing=True)) == ()
+    assert turns.handle(Tick(640.0, playing=True)) == (Prompt(WRAP_UP_PROMPT),)
+    assert turns.handle(Tick(650.0, playing=True)) == ()
+    assert turns.handle(Tick(700.0, playing=True)) == (Goodbye("the call reached its time limit"),)
+    turns.handle(CLOSING)
+    assert turns.handle(Tick(701.0)) == ()  # the goodbye is playing: nothing more

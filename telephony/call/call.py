@@ -47,11 +47,13 @@ from .turns import (
     CallerSpeechEnded,
     CallerSpeechStarted,
     CallerVoice,
+    Goodbye,
     HangUp,
     HangUpRequested,
     Hold,
     Interrupt,
     ModelOutput,
+    Prompt,
     RestartModel,
     Resume,
     Tick,
@@ -179,6 +181,12 @@ class CallOptions:
     one more means the service keeps dropping us: the caller hears an apology and the call ends."""
     transfer_allow: AllowList = field(default_factory=lambda: AllowList([]))
     """Where the agent's `transfer_call` may send the caller (empty: nowhere)."""
+    max_call_s: float = 0.0
+    """The call's time limit: the model is asked to wrap up a minute before, then the caller
+    hears the recorded goodbye (0: none)."""
+    caller_idle_s: float = 0.0
+    """A caller silent this long after the agent finished is asked through the model whether
+    they are still there; as long again, and they hear the goodbye (0: never)."""
 
 
 class Call:
@@ -203,6 +211,9 @@ class Call:
             stall_s=options.model_stall_s,
             min_speech_ms=options.barge_in_min_speech_ms,
             resume_after_ms=options.barge_in_resume_ms,
+            started_at=clock(),
+            max_call_s=options.max_call_s,
+            caller_idle_s=options.caller_idle_s,
         )
         self._keys = KeyBuffer(idle_s=options.keys_idle_s)
         self.live = LiveSupervisor(
@@ -389,6 +400,11 @@ class Call:
                 self.live.restart(f"no model events for {action.waited_s:.0f} s")
             elif isinstance(action, HangUp):
                 self._leave()
+            elif isinstance(action, Prompt):
+                self._log("asking the model: %s", action.text)
+                self.live.send_text(action.text)
+            elif isinstance(action, Goodbye):
+                await self.end_with(asset("goodbye"), action.reason)
 
     async def _watch_caller(self) -> None:
         """Twilio normally streams 20 ms every 20 ms; when the caller's frames stop, tell the

@@ -39,6 +39,10 @@ __all__ = [
     "HANG_UP_QUIET_S",
     "HangUp",
     "HangUpRequested",
+    "Goodbye",
+    "IDLE_PROMPT",
+    "Prompt",
+    "WRAP_UP_PROMPT",
     "Hold",
     "Interrupt",
     "ModelInterrupted",
@@ -185,10 +189,24 @@ class RestartModel:
 
 @dataclass(frozen=True, slots=True)
 class HangUp:
-    """End the call now: the agent asked to, and its last words have been heard."""
+    """Let the stream go now: the agent asked to (a tool), and its last words have been heard."""
 
 
-Action = Hold | Resume | Interrupt | Play | RestartModel | HangUp
+@dataclass(frozen=True, slots=True)
+class Prompt:
+    """Ask the model, on the call's behalf, to say something (a text turn it answers)."""
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Goodbye:
+    """End the call with the recorded goodbye."""
+
+    reason: str
+
+
+Action = Hold | Resume | Interrupt | Play | RestartModel | HangUp | Prompt | Goodbye
 
 PLAY = Play()
 RESUME = Resume()
@@ -197,6 +215,15 @@ HANG_UP_QUIET_S = 2.0
 """After `end_call`, a model silent this long has no more goodbye to say."""
 HANG_UP_MAX_S = 30.0
 """After `end_call`, the call ends within this long whatever the model and the caller do."""
+WRAP_UP_S = 60.0
+"""Before the call's time limit (or a quarter of it, if shorter), the model is asked to wrap
+up."""
+WRAP_UP_PROMPT = (
+    "(The call is about to reach its time limit. Wrap up now: answer briefly and say goodbye.)"
+)
+IDLE_PROMPT = (
+    "(The caller has said nothing for a while. Ask once, briefly, whether they are still there.)"
+)
 _NOTHING: tuple[Action, ...] = ()
 _PLAY: tuple[Action, ...] = (PLAY,)
 _RESUME: tuple[Action, ...] = (RESUME,)
@@ -207,8 +234,26 @@ class TurnState:
     rules (and their tests) need no call, socket or model."""
 
     def __init__(
-        self, *, stall_s: float, min_speech_ms: int = 500, resume_after_ms: int = 600
+        self,
+        *,
+        stall_s: float,
+        min_speech_ms: int = 500,
+        resume_after_ms: int = 600,
+        started_at: float = 0.0,
+        max_call_s: float = 0.0,
+        caller_idle_s: float = 0.0,
     ) -> None:
+        """`max_call_s`: the call's time limit from `started_at`; `caller_idle_s`: how long a
+        caller may stay silent once the agent has finished, before one prompt and then the
+        goodbye (0: no limit)."""
+        self.started_at = started_at
+        self.max_call_s = max_call_s
+        self.caller_idle_s = caller_idle_s
+        self._wrapped_up = False
+        self._caller_speaking = False
+        self._quiet_since: float | None = None
+        """Since when neither the agent nor the caller has had anything to say."""
+        self._idle_prompted = False
         self.hang_up_at: float | None = None
         """When the agent asked to end the call."""
         self._said_since_hang_up = False
@@ -260,13 +305,14 @@ class TurnState:
                     self._cut_off = False
                     return (Interrupt("a reconnect cut the reply off"),)
             case CallerSpeechStarted(agent_audible=audible):
+                self._caller_speaking, self._idle_prompted, self._quiet_since = True, False, None
                 self.awaiting_reply_since = None  # they talk again: the wait starts at its end
                 self._backchannel = audible and not self.closing
                 if self._backchannel:
                     self.watching = self.holding = True
                     return (Hold("caller speech"),)
             case CallerSpeechEnded(at=at):
-                self.watching = False
+                self.watching = self._caller_speaking = False
                 if not self._backchannel:
                     self.awaiting_reply_since = at
                 self._backchannel = False
@@ -297,12 +343,50 @@ class TurnState:
                 self.watching = self.holding = False
             case Tick(now=now, playing=playing):
                 if self._hang_up_due(now, playing):
+                    self.hang_up_at = None  # after pressing keys the call goes on
                     return (HANG_UP,)
+                if (limit := self._limits(now, playing)) is not None:
+                    return (limit,)
                 since = self.awaiting_reply_since
                 if since is not None and now - since >= self.stall_s:
                     self.awaiting_reply_since = now  # still waiting: watch the next session
                     return (RestartModel(now - since),)
         return _NOTHING
+
+    def _limits(self, now: float, playing: bool) -> Prompt | Goodbye | None:
+        """The call's time limit (a wrap-up request first) and the silent caller (one prompt
+        through the model first)."""
+        if self.closing:
+            return None
+        if self.max_call_s:
+            elapsed = now - self.started_at
+            if elapsed >= self.max_call_s:
+                return Goodbye("the call reached its time limit")
+            if not self._wrapped_up and elapsed >= self.max_call_s - min(
+                WRAP_UP_S, self.max_call_s / 4
+            ):
+                self._wrapped_up = True
+                return Prompt(WRAP_UP_PROMPT)
+        if not self.caller_idle_s:
+            return None
+        if (
+            playing
+            or self.generating
+            or self._caller_speaking
+            or self.awaiting_reply_since is not None
+            or self.hang_up_at is not None
+        ):
+            self._quiet_since = None
+            return None
+        if self._quiet_since is None:
+            self._quiet_since = now
+        if now - self._quiet_since < self.caller_idle_s:
+            return None
+        self._quiet_since = None
+        if self._idle_prompted:
+            return Goodbye("the caller stayed silent")
+        self._idle_prompted = True
+        return Prompt(IDLE_PROMPT)
 
     def _hang_up_due(self, now: float, playing: bool) -> bool:
         """After `end_call`, the goodbye: the model may say it before the tool call (in the

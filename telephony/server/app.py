@@ -67,6 +67,8 @@ def create_app(settings: Settings, spec: AgentSpec | None = None) -> Quart:
         model_connections_per_minute=settings.model_connections_per_minute,
         mask_callers=settings.mask_callers,
         transfer_allow=settings.transfers(),
+        max_call_s=settings.max_call_s,
+        caller_idle_s=settings.caller_idle_s,
     )
     calls = CallRegistry(
         lambda info: Call(info, runner=runner, run_config=spec.run_config, options=options),
