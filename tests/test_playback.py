@@ -423,3 +423,18 @@ async def test_the_loudest_recent_agent_audio_is_known_until_its_echo_could_be_o
     assert player.loudest_recent(clock.now) == loud  # its echo may still come back
     clock.now += 0.02
     assert player.loudest_recent(clock.now) == 0.0
+
+
+async def test_the_loudest_recent_agent_audio_is_its_loudest_20_ms() -> None:
+    """Caller audio is judged 20 ms at a time: so is the agent audio its echo is compared with,
+    not a whole message's mean."""
+    clock = FakeClock()
+
+    async def send(text: str) -> None:
+        pass
+
+    player = Player(lead_ms=400, clock=clock)
+    player.attach("MZ1", send)
+    player.enqueue(b"\xff" * 1440 + b"\x80" * 160)  # 180 ms of silence, 20 ms at full scale
+    await player.flush()
+    assert player.loudest_recent(clock.now) > 0.9 * 32124**2

@@ -152,15 +152,24 @@ async def test_greeting_and_two_turns(server: RunningServer, gemini: GeminiLiveS
     assert _sent(connection, "interrupted") == 0
 
 
-@pytest.mark.parametrize(("into_reply_s", "model_generating"), [(0.25, True), (2.0, False)])
+@pytest.mark.parametrize(
+    ("into_reply_s", "model_generating", "echo"),
+    [(0.25, True, None), (2.0, False, None), (0.25, True, Echo(level_db=-25.0, delay_s=0.15))],
+)
 async def test_barge_in(
-    server: RunningServer, gemini: GeminiLiveService, into_reply_s: float, model_generating: bool
+    server: RunningServer,
+    gemini: GeminiLiveService,
+    into_reply_s: float,
+    model_generating: bool,
+    echo: Echo | None,
 ) -> None:
     """Early (the model is still generating: it reports the interruption too) and late (it has
     finished: only our VAD can tell). Either way Twilio is cleared within 300 ms of onset, the
-    caller hears at most 350 ms of agent audio after it, and then the answer to what they said."""
+    caller hears at most 350 ms of agent audio after it, and then the answer to what they said.
+    Through a handset's echo too: the model hears the caller over the agent at once, and whole
+    (its answer repeats them)."""
     first = len(gemini.connections)
-    async with _call(server) as sim:
+    async with _call(server, echo=echo) as sim:
         await _greeted(sim)
         _, end = await say(sim, "hello")
         await wait_until(lambda: _heard_after(sim, end), 3, "the answer")
@@ -508,17 +517,16 @@ async def test_a_backchannel_or_cough_loses_nothing_of_the_reply(
     assert share >= 0.9
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: our VAD now ignores the agent's echo, but the model's own VAD hears it at "
-    "-25 dB and cuts its reply (the stand-in does, as a real one may); keeping echo from the "
-    "model without false turns needs an echo suppressor with comfort noise (issue 11 §1)",
-)
 async def test_a_handset_echo_of_the_agent_never_interrupts_it(
     server: RunningServer, gemini: GeminiLiveService
 ) -> None:
+    """The model hears nothing of the echo: no interruption, and no turn taken from it."""
+    first = len(gemini.connections)
     share = await _reply_heard(server, echo=Echo(level_db=-25.0, delay_s=0.15))
     assert share >= 0.9
+    [connection] = _connections(gemini, first)
+    assert _sent(connection, "interrupted") == 0
+    assert [t.role for t in connection.context] == ["user", "model"] * 2
 
 
 @pytest.fixture

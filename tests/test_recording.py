@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import gzip
 import json
 import wave
@@ -15,12 +16,13 @@ from telephony.call.recording import RecordingError, load_recording
 from telephony.server.app import create_app
 from telephony.settings import Settings
 from telephony.testing.replay import figures_from_recording, replay_in_process
-from telephony.testing.simulator import place_call
+from telephony.testing.simulator import Echo, place_call
 from telephony.testing.virtual_clock import run_virtual
 
 from .audio_tools import best_correlation, fixture, pcm
 
 SID = "CA" + "5" * 32
+ECHO_SID = "CA" + "6" * 32
 
 
 async def _barge_in_call(record_dir: Path) -> None:
@@ -150,3 +152,31 @@ def test_an_unwritable_record_dir_costs_the_recording_not_the_call(tmp_path: Pat
             return len(sim.log.heard)
 
     assert run_virtual(call()) > 0  # the greeting played
+
+
+async def _echo_call(record_dir: Path) -> list[bytes]:
+    """Caller speaks once; a handset sends the agent's reply back up at -25 dB."""
+    app = create_app(Settings(agent="echo", session_db="", record_dir=str(record_dir)))
+    async with app.test_app():
+        loop = asyncio.get_running_loop()
+        async with place_call(app=app, call_sid=ECHO_SID, echo=Echo(-25.0, 0.15)) as sim:
+            await asyncio.sleep(1.0)
+            await sim.say(fixture("hello"))
+            await sim.finish_speaking()
+            assert await sim.agent_audio_after(loop.time() - 0.1, timeout=5.0) is not None
+            await sim.agent_quiet(1.0)
+            await sim.hang_up()
+        await app.extensions["telephony.calls"].wait_idle(5.0)
+    return [payload for _, payload in sim.log.sent]
+
+
+def test_a_recording_keeps_the_echo_the_model_never_heard(tmp_path: Path) -> None:
+    """The model (here the echo agent, whose VAD would answer the echo) got comfort noise in
+    its place; the recording keeps what the caller's end sent, echo and all."""
+    sent = run_virtual(_echo_call(tmp_path))
+    rec = load_recording(tmp_path / f"{ECHO_SID}.jsonl")
+    recorded = [
+        base64.b64decode(m["media"]["payload"]) for _, m in rec.twilio_in() if m["event"] == "media"
+    ]
+    assert recorded == sent
+    assert rec.transcripts("input") == ["(caller spoke for 4.0 s)"]

@@ -1,5 +1,6 @@
 """Pure audio: phone <-> model conversion (with its optional C kernel), voice activity
-detection and WAV I/O. Bytes in, bytes out; nothing here knows of calls, sockets or ADK."""
+detection, echo suppression and WAV I/O. Bytes in, bytes out; nothing here knows of calls,
+sockets or ADK."""
 
 from .convert import (
     NATIVE,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import webrtcvad
 
-__all__ = ["SpeechEnd", "SpeechStart", "VoiceActivityDetector"]
+__all__ = ["NoiseFloor", "SpeechEnd", "SpeechStart", "VoiceActivityDetector"]
 
 SAMPLE_RATE = 16000
 FRAME_MS = 20
@@ -26,6 +26,25 @@ STEADY_SPREAD = 10 ** (6 / 10)
 """Energy that stays within 6 dB for 500 ms is noise, not speech (whose syllables swing it far
 more): the floor jumps to it, so noise that starts suddenly, after digital silence, counts as
 speech for half a second at most rather than until the slow rise catches up."""
+
+
+class NoiseFloor:
+    """The line's background level (frame mean square), by minimum statistics: it follows
+    quieter frames at once and louder ones slowly, so speech, however long, barely lifts it."""
+
+    def __init__(self) -> None:
+        self.level = 0.0
+        self._energies: deque[float] = deque(maxlen=STEADY_FRAMES)
+
+    def observe(self, energy: float) -> float:
+        """One frame's mean square (keep it above zero); returns the floor after it."""
+        self.level = energy if not self.level else min(energy, self.level * FLOOR_RISE)
+        self._energies.append(energy)
+        if len(self._energies) == STEADY_FRAMES:
+            quietest = min(self._energies)
+            if max(self._energies) < quietest * STEADY_SPREAD:
+                self.level = max(self.level, quietest)
+        return self.level
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,8 +84,7 @@ class VoiceActivityDetector:
         self._frames = 0
         self._silent_run = 0
         self._min_ratio = 10 ** (min_snr_db / 10)
-        self._floor = 0.0
-        self._energies: deque[float] = deque(maxlen=STEADY_FRAMES)
+        self._floor = NoiseFloor()
         self._warmup_frames = warmup_ms // FRAME_MS
         self._onset_frame = 0
         self.speaking = False
@@ -125,14 +143,8 @@ class VoiceActivityDetector:
     def _is_speech(self, frame: bytes, min_energy: float) -> bool:
         samples = np.frombuffer(frame, np.int16).astype(np.float32)
         energy = float(np.dot(samples, samples)) / len(samples) + 1.0
-        self._floor = energy if not self._floor else min(energy, self._floor * FLOOR_RISE)
-        self._energies.append(energy)
-        if len(self._energies) == STEADY_FRAMES:
-            quietest = min(self._energies)
-            if max(self._energies) < quietest * STEADY_SPREAD:
-                self._floor = max(self._floor, quietest)
         return (
-            energy >= self._floor * self._min_ratio
+            energy >= self._floor.observe(energy) * self._min_ratio
             and energy >= min_energy
             and self._vad.is_speech(frame, SAMPLE_RATE)
         )

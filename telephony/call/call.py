@@ -27,6 +27,7 @@ from google.adk.events import Event
 from google.adk.runners import Runner
 
 from ..audio import InboundConverter, OutboundConverter
+from ..audio.echo import ECHO_RETURN_LOSS, EchoSuppressor
 from ..audio.vad import SpeechStart, VoiceActivityDetector
 from ..twilio.media_stream import Dtmf, InboundEvent, Mark, Media, Start, Stop
 from ..twilio.targets import AllowList, TargetError, key_digits, transfer_target
@@ -72,13 +73,6 @@ __all__ = [
 ]
 
 AGENT_AUDIO_MIME = "audio/pcm;rate=24000"
-ECHO_RETURN_LOSS = 10 ** (-20 / 10)
-"""The agent's own voice comes back in the caller's audio at least this much weaker (20 dB:
-handsets and speakerphones return 20-30 dB less, line echo more still). Caller audio quieter
-than the agent's recent audio by more than that is taken for its echo, never for the caller
-talking over it (who is about as loud as the agent). The model still gets the audio as it
-came: replacing it (by silence) would start false turns in any VAD when the line's noise
-comes back."""
 CLOSE_GRACE_S = 3.0
 """How long the live session gets to wind down after the queue is closed before it is cancelled."""
 ATTACH_WAIT_S = 5.0
@@ -229,6 +223,7 @@ class Call:
             log=self._log,
         )
         self._inbound = InboundConverter()
+        self._suppressor = EchoSuppressor()
         self._outbound = OutboundConverter()
         self._vad = VoiceActivityDetector(
             aggressiveness=options.barge_in_aggressiveness, start_frames=options.barge_in_frames
@@ -355,12 +350,14 @@ class Call:
             await self.close("caller hung up (stop)")
 
     async def _on_media(self, mulaw: bytes) -> None:
-        """Caller audio to the model, and to our VAD for barge-in."""
+        """Caller audio to the model, with the agent's echo in it replaced by the line's
+        noise (the model's VAD would take it for the caller), and as it came to our VAD for
+        barge-in, which ignores the echo itself."""
         pcm = self._inbound.convert(mulaw)
         now = self._last_media = self._clock()
-        self.live.send_caller_audio(pcm)
-        self._caller_audio_ended = False
         echo = self.player.loudest_recent(now) * ECHO_RETURN_LOSS
+        self.live.send_caller_audio(self._suppressor.process(pcm, echo))
+        self._caller_audio_ended = False
         for speech in self._vad.feed(pcm, min_energy=echo):
             if isinstance(speech, SpeechStart):
                 turn = CallerSpeechStarted(now, agent_audible=self.player.busy())

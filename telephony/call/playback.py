@@ -33,6 +33,8 @@ MAX_MESSAGE_BYTES = 1600
 """Agent audio goes out in messages of at most 200 ms, so pacing stays fine-grained."""
 _MULAW = np.frombuffer(mulaw_decode(bytes(range(256))), "<i2").astype(np.float64)
 """Every mu-law byte's sample value, to measure how loud sent audio is."""
+ECHO_FRAME_BYTES = 160
+"""Agent audio is measured 20 ms at a time, the frame in which caller audio is judged."""
 ECHO_WINDOW_S = 0.5
 """How long after playing it the agent's voice may come back in the caller's audio: a
 speakerphone's acoustic path plus the line's, which is added apart (the round trip)."""
@@ -203,6 +205,14 @@ class PlaybackLedger:
         return len(self._pending) + len(self._cleared)
 
 
+def _loudest_20ms(mulaw: bytes) -> float:
+    """Mean square of the loudest 20 ms (a shorter last piece counts on its own)."""
+    pcm = _MULAW[np.frombuffer(mulaw, np.uint8)]
+    starts = np.arange(0, len(pcm), ECHO_FRAME_BYTES)
+    sums = np.add.reduceat(pcm * pcm, starts)
+    return float(np.max(sums / np.diff(starts, append=len(pcm))))
+
+
 class Player:
     """Paces agent audio to Twilio and clears it on barge-in. Owns one task, `run()`.
 
@@ -249,7 +259,8 @@ class Player:
         self._resumed_at = 0.0
         """A hold's silence was chosen, not a gap: lateness counts from its end."""
         self._levels: deque[tuple[float, float]] = deque()
-        """(when sent, mean square) per message, as far back as `ECHO_WINDOW_S` plus the lead."""
+        """(when sent, mean square of its loudest 20 ms) per message, as far back as
+        `ECHO_WINDOW_S` plus the lead."""
 
     def attach(self, stream_sid: str, send: Callable[[str], Awaitable[None]]) -> None:
         """The media stream is up: audio queued before it (the greeting) can now flow. A new
@@ -339,8 +350,10 @@ class Player:
         self._wake.set()
 
     def loudest_recent(self, now: float) -> float:
-        """The loudest agent audio (mean square) the caller may be hearing now, or hearing
-        echoed back: what was sent within the lead, the round trip and `ECHO_WINDOW_S`."""
+        """The loudest 20 ms of agent audio (mean square) the caller may be hearing now, or
+        hearing echoed back: what was sent within the lead, the round trip and `ECHO_WINDOW_S`.
+        20 ms, as the caller's audio is judged frame by frame: a message's mean puts a syllable
+        some 5 dB below its loudest frames, and their echo above the echo margin."""
         since = now - self._lead_s() - self.ledger.round_trip.seconds - ECHO_WINDOW_S
         levels = self._levels
         while levels and levels[0][0] < since:
@@ -428,8 +441,7 @@ class Player:
                 self.ledger.sent(len(chunk), now)
                 self.ledger.mark_sent(name)
                 self._in_flight.append((name, chunk))
-                pcm = _MULAW[np.frombuffer(chunk, np.uint8)]
-                self._levels.append((now, float(np.dot(pcm, pcm)) / len(pcm)))
+                self._levels.append((now, _loudest_20ms(chunk)))
                 await send(media_message(self._stream_sid, chunk))
                 await send(mark_message(self._stream_sid, name))
 
