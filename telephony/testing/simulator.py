@@ -27,13 +27,24 @@ noise with a 4 ms attack and a decaying tail. Both sit at speech level (RMS abou
 both make WebRTC's VAD (and the bridge's detector) report speech, as real ones do.
 
 It reaches the server over the network (`place_call(url)`) or in-process through the ASGI app
-(`place_call(app=app)`), which is what lets a replay run on a virtual clock."""
+(`place_call(app=app)`), which is what lets a replay run on a virtual clock.
+
+When the server closes the stream, the simulator goes on with the call as Twilio does: it
+requests the `<Connect>`'s `action` URL (signed, with the call's standard parameters) and
+carries out the TwiML it gets, or without an action the verbs after the `<Connect>`.
+`<Say>` and `<Play digits>` take their time and are logged, `<Dial>` logs the transfer,
+`<Hangup/>` or running out of verbs ends the call, and another `<Connect><Stream>` opens a new
+stream for the same call, on which the same `CallerSimulator` carries on. Audio still to play
+when the stream ended is lost then, as on Twilio. The dialled call is not simulated: it never
+ends, so what Twilio would do after it (the verbs after `<Dial>`, its `action`) never happens.
+TwiML the simulator cannot follow fails the test when `place_call` exits."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import functools
+import hashlib
 import math
 import random
 import urllib.parse
@@ -43,10 +54,11 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
 
 from ..audio import mulaw_decode, mulaw_encode
 from ..twilio.media_stream import (
@@ -67,9 +79,11 @@ from ..twilio.signatures import SignatureChecker
 __all__ = [
     "DIGITS",
     "SOUNDS",
+    "ActionRequest",
     "CallLog",
     "CallerSimulator",
     "Echo",
+    "Ending",
     "Heard",
     "Interjection",
     "Network",
@@ -88,6 +102,19 @@ SOUNDS = {"mm-hm": "mmhm.ulaw", "cough": "cough.ulaw"}
 """Interjections that ship with the package, by name (files in `assets/`)."""
 REPLY_GAP_S = 0.3
 """Agent audio separated by less than this is one reply (as `replay.TURN_GAP_S` counts turns)."""
+KEY_S = 0.5
+"""How long `<Play digits>` takes per key, and per `w` (a `W` waits 1 s): a fair bound on
+Twilio's pace."""
+SAY_S_PER_CHAR = 0.06
+"""How long `<Say>` takes per character of its text."""
+ACTION_FIELDS = ("CallSid", "AccountSid", "From", "To", "Direction")
+"""The webhook's fields Twilio sends again, with `CallStatus`, when it requests an action URL."""
+Ending = Literal["caller", "hangup", "dial", "application error", "stream error", "simulator error"]
+"""How a call ended: the caller hung up (`hang_up()`, or leaving `place_call`); Twilio hung up
+as the TwiML said (`<Hangup/>`, or no verbs left, as after a stream whose `<Connect>` has no
+action); the caller was transferred (`<Dial>`); an action URL answered with an error; the
+stream broke on the simulator's side (a message it could not read); or the simulator met TwiML
+it cannot follow."""
 
 
 @functools.cache
@@ -148,7 +175,8 @@ class Interjection:
 
 
 class WebhookError(RuntimeError):
-    """The voice webhook did not answer with a usable <Connect><Stream>."""
+    """The voice webhook did not answer with a usable <Connect><Stream>, or TwiML (the webhook's
+    or an action URL's) asked for what the simulator cannot do."""
 
     def __init__(self, status: int, body: str) -> None:
         super().__init__(f"webhook answered {status}: {body[:200]}")
@@ -168,13 +196,27 @@ class Heard:
         return self.start + len(self.audio) / 8000
 
 
+@dataclass(frozen=True)
+class ActionRequest:
+    """Twilio's request to a `<Connect>`'s action URL once its stream ended, and the answer."""
+
+    at: float
+    url: str
+    form: dict[str, str]
+    status: int
+    twiml: str
+
+
 @dataclass
 class CallLog:
     """What the Twilio side saw, with monotonic timestamps. With a `Network`, times are those
     at Twilio's end: when its messages left, when the server's arrived, when the caller
-    heard what."""
+    heard what. It covers the whole call, over however many streams."""
 
     started: float = 0.0
+    """When the call's first stream started (the origin of `heard_pcm`)."""
+    streams: list[tuple[float, str]] = field(default_factory=list)
+    """Each Media Stream of the call: when it started and its streamSid."""
     sent: list[tuple[float, bytes]] = field(default_factory=list)
     """Caller audio frames as sent (with any echo and interjections mixed in)."""
     media: list[tuple[float, int]] = field(default_factory=list)
@@ -189,9 +231,18 @@ class CallLog:
     """Onset of each interjection (when its first frame was sent) and what it was."""
     keys: list[tuple[float, str]] = field(default_factory=list)
     """Each DTMF key, when Twilio sent it."""
+    actions: list[ActionRequest] = field(default_factory=list)
+    said: list[str] = field(default_factory=list)
+    """The text of each `<Say>`."""
+    digits_played: list[str] = field(default_factory=list)
+    """The keys of each `<Play digits>`, as the far end got them (without its `w`/`W` waits)."""
+    transfers: list[str] = field(default_factory=list)
+    """Each number or SIP address a `<Dial>` called."""
+    ended: Ending | None = None
+    """How the call ended, once it has."""
 
     def heard_pcm(self, until: float | None = None) -> np.ndarray:
-        """The caller's earpiece as one 8 kHz int16 timeline from the stream's start."""
+        """The caller's earpiece as one 8 kHz int16 timeline from the first stream's start."""
         end = (
             until
             if until is not None
@@ -219,13 +270,42 @@ async def _post_form(url: str, form: dict[str, str], headers: dict[str, str]) ->
     return await asyncio.to_thread(post)
 
 
-def _stream_from_twiml(twiml: str) -> tuple[str, dict[str, str]]:
-    root = ET.fromstring(twiml)
-    stream = root.find("./Connect/Stream")
-    if stream is None or not stream.get("url"):
-        raise WebhookError(200, f"no <Connect><Stream url=...> in {twiml}")
-    params = {p.get("name", ""): p.get("value", "") for p in stream.findall("Parameter")}
-    return stream.get("url", ""), params
+def _verbs(twiml: str) -> list[ET.Element]:
+    try:
+        root = ET.fromstring(twiml)
+    except ET.ParseError as exc:
+        raise WebhookError(200, f"not TwiML ({exc}): {twiml}") from exc
+    if root.tag != "Response":
+        raise WebhookError(200, f"TwiML is a <Response>, not <{root.tag}>: {twiml}")
+    return list(root)
+
+
+def _dialled(dial: ET.Element) -> list[str]:
+    """Whom a `<Dial>` calls: its text, or each of its `<Number>` and `<Sip>` nouns."""
+    nouns = list(dial)
+    if bad := [noun.tag for noun in nouns if noun.tag not in ("Number", "Sip")]:
+        raise WebhookError(200, f"the simulator dials numbers and SIP addresses, not <{bad[0]}>")
+    targets = [(noun.text or "").strip() for noun in nouns or [dial]]
+    if not all(targets):
+        raise WebhookError(200, f"a <Dial> with nobody to call: {ET.tostring(dial, 'unicode')}")
+    return targets
+
+
+def _digits(play: ET.Element) -> str:
+    """The `digits` of a `<Play digits>` (the simulator plays no audio files)."""
+    digits = play.get("digits")
+    if digits is None or (play.text or "").strip():
+        raise WebhookError(200, f"the simulator only plays digits: {ET.tostring(play, 'unicode')}")
+    if bad := set(digits) - set(DIGITS + "wW"):
+        raise WebhookError(200, f"<Play digits> with {''.join(sorted(bad))!r}: not keys or waits")
+    return digits
+
+
+def _stream_sid(call_sid: str, n: int) -> str:
+    """The streamSid of the call's `n`th stream (from 0): the first as before, then new ones."""
+    if n == 0:
+        return "MZ" + call_sid[2:]
+    return "MZ" + hashlib.sha256(f"{call_sid}/{n}".encode()).hexdigest()[:32]
 
 
 class StreamSocket(Protocol):
@@ -278,8 +358,107 @@ class _Link:
         return self._last
 
 
+class _Twilio:
+    """How the simulated Twilio reaches the server for one call: requests and Media Streams,
+    over the network to `base_url` or in-process to a Quart `app`, signed when there is an
+    auth token. The streams stay open until `stack` closes (when `place_call` exits)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        app: Any,
+        signer: SignatureChecker | None,
+        stack: contextlib.AsyncExitStack,
+        fields: Mapping[str, str],
+    ) -> None:
+        self._base = base_url.rstrip("/")
+        self._client = app.test_client() if app is not None else None
+        self._signer = signer
+        self._stack = stack
+        self._fields = dict(fields)
+
+    async def post(self, url: str, path: str, form: dict[str, str]) -> tuple[int, str]:
+        """Posts `form` to `path` on the server, signed for `url` (where Twilio was told to)."""
+        headers = {}
+        if self._signer:
+            headers["X-Twilio-Signature"] = self._signer.sign(url, form)
+        if self._client is not None:
+            response = await self._client.post(path, form=form, headers=headers)
+            return response.status_code, await response.get_data(as_text=True)
+        return await _post_form(self._base + path, form, headers)
+
+    async def action(self, url: str) -> tuple[dict[str, str], int, str]:
+        """Requests an action URL for the call in progress: the form, and the answer."""
+        form = {name: self._fields[name] for name in ACTION_FIELDS} | {"CallStatus": "in-progress"}
+        target = urllib.parse.urlsplit(url)
+        path = (target.path or "/") + (f"?{target.query}" if target.query else "")
+        return form, *await self.post(url, path, form)
+
+    async def open_stream(self, url: str) -> StreamSocket | ClientConnection:
+        """Opens the Media Stream TwiML named `url`, on the server Twilio reaches."""
+        headers = {}
+        if self._signer:
+            headers["X-Twilio-Signature"] = self._signer.sign(url, {})
+        path = urllib.parse.urlsplit(url).path
+        if self._client is not None:
+            connection = self._client.websocket(path, headers=headers)
+            return _AppSocket(await self._stack.enter_async_context(connection))
+        local = urllib.parse.urlsplit(self._base)
+        scheme = "wss" if local.scheme == "https" else "ws"
+        return await self._stack.enter_async_context(
+            connect(
+                urllib.parse.urlunsplit((scheme, local.netloc, path, "", "")),
+                additional_headers=headers,
+                max_size=2**20,
+                compression=None,  # Twilio does not negotiate permessage-deflate
+            )
+        )
+
+
+@dataclass(frozen=True)
+class _Connect:
+    """A `<Connect><Stream>` Twilio is carrying out, with what it does once the stream ends:
+    request `action`, or without one go on with the verbs `after` it in its document."""
+
+    stream_url: str
+    parameters: dict[str, str]
+    action: str
+    after: list[ET.Element]
+    url: str
+    """The document's URL (relative URLs in it are relative to this)."""
+    twilio: _Twilio
+
+    @classmethod
+    def parse(
+        cls, verb: ET.Element, after: list[ET.Element], url: str, twilio: _Twilio
+    ) -> _Connect:
+        stream = verb.find("Stream")
+        if stream is None or not stream.get("url"):
+            raise WebhookError(200, f"no <Stream url=...> in {ET.tostring(verb, 'unicode')}")
+        if verb.get("method", "POST").upper() != "POST":
+            raise WebhookError(200, "the simulator requests action URLs with POST only")
+        params = {p.get("name", ""): p.get("value", "") for p in stream.findall("Parameter")}
+        action = urllib.parse.urljoin(url, verb.get("action", "")) if verb.get("action") else ""
+        return cls(stream.get("url", ""), params, action, after, url, twilio)
+
+    @property
+    def goes_on(self) -> bool:
+        """Whether anything follows the stream (otherwise the call ends with it)."""
+        return bool(self.action or self.after)
+
+
+def _first_connect(twiml: str, url: str, twilio: _Twilio) -> _Connect:
+    """The webhook's `<Connect><Stream>` (verbs before it are not simulated)."""
+    verbs = _verbs(twiml)
+    for n, verb in enumerate(verbs):
+        if verb.tag == "Connect" and verb.find("Stream") is not None:
+            return _Connect.parse(verb, verbs[n + 1 :], url, twilio)
+    raise WebhookError(200, f"no <Connect><Stream url=...> in {twiml}")
+
+
 class CallerSimulator:
-    """One simulated call on an open Media Stream. Use `place_call()` to get one."""
+    """One simulated call, on an open Media Stream and any the TwiML opens after it (see the
+    module's docstring). Use `place_call()` to get one."""
 
     def __init__(
         self,
@@ -292,18 +471,27 @@ class CallerSimulator:
         network: Network | None = None,
         echo: Echo | None = None,
         interjections: Sequence[Interjection] = (),
+        connect: _Connect | None = None,
     ) -> None:
         self._ws = ws
         self.call_sid = call_sid
-        self.stream_sid = "MZ" + call_sid[2:]
+        self.stream_sid = _stream_sid(call_sid, 0)
         self.parameters = parameters
         """The stream's custom parameters (Twilio sends them again on a new stream)."""
         self.continuous = continuous
         """Like real Twilio, send silence frames whenever the caller has nothing to say."""
         self._clock = clock or asyncio.get_running_loop().time
         self.log = CallLog()
-        self.stream_url = ""
-        """Where the TwiML told Twilio to open the stream (set by `place_call`)."""
+        self._connect = connect
+        """The TwiML verb that opened the stream (without it, the call ends with the stream)."""
+        self.stream_url = connect.stream_url if connect is not None else ""
+        """Where the TwiML told Twilio to open the stream."""
+        self._stream_started = 0.0
+        self._closed_by_server = False
+        self._next: asyncio.Task[None] | None = None
+        """Twilio carrying out the TwiML after a stream, until the next one opens."""
+        self._failure: Exception | None = None
+        """TwiML the simulator could not follow (`place_call` raises it)."""
         self._outgoing: deque[tuple[bytes, asyncio.Future[float] | None]] = deque()
         self._seq = 0
         self._chunk = 0
@@ -338,6 +526,7 @@ class CallerSimulator:
             self._uplink.put_nowait((self._up.arrival(self._clock()), text))
 
     async def begin(self) -> None:
+        """Twilio's `connected` and `start` on the stream just opened, then the caller's side."""
         if self._up is not None:
             self._uplink_task = asyncio.create_task(self._carry_up())
         await self._send(Connected().to_json())
@@ -350,7 +539,10 @@ class CallerSimulator:
             custom_parameters=self.parameters,
         )
         await self._send(start.to_json())
-        self.log.started = self._clock()
+        self._stream_started = self._clock()
+        if not self.log.streams:
+            self.log.started = self._stream_started
+        self.log.streams.append((self._stream_started, self.stream_sid))
         self._tasks = [
             asyncio.create_task(self._stream_caller()),
             asyncio.create_task(self._receive()),
@@ -443,13 +635,15 @@ class CallerSimulator:
             else:
                 continue
             onsets, self._onsets = self._onsets, []  # whatever was injected starts here
-            await self.send_frame(self._mix(frame, at))
-            now = self._clock()
-            if sent is not None and not sent.done():
-                sent.set_result(now)
-            for onset, label in onsets:
-                self.log.interjections.append((now, label))
-                onset.set_result(now)
+            try:
+                await self.send_frame(self._mix(frame, at))
+            finally:  # said even into a stream the server just closed (on goes the rest)
+                now = self._clock()
+                if sent is not None and not sent.done():
+                    sent.set_result(now)
+                for onset, label in onsets:
+                    self.log.interjections.append((now, label))
+                    onset.set_result(now)
 
     def _interject_when_due(self, at: float) -> None:
         if not self._interjections:
@@ -515,7 +709,7 @@ class CallerSimulator:
             stream_sid=self.stream_sid,
             track="inbound",
             chunk=self._chunk,
-            timestamp=int(round((self._clock() - self.log.started) * 1000)),
+            timestamp=int(round((self._clock() - self._stream_started) * 1000)),
             payload=payload,
         )
         self.log.sent.append((self._clock(), payload))
@@ -533,11 +727,15 @@ class CallerSimulator:
                     if isinstance(event, PlayMedia):
                         self._media_due = at
                     self._downlink.put_nowait((at, event))
+            self._closed_by_server = True
+        except ConnectionClosed as exc:  # closed with an error code: logged, but closed still
+            self.log.protocol_errors.append(repr(exc))
+            self._closed_by_server = True
         except Exception as exc:  # noqa: BLE001 - the log is what tests read
             self.log.protocol_errors.append(repr(exc))
         finally:
             if self._down is None:
-                self.closed.set()
+                self._stream_over()
             else:
                 self._downlink.put_nowait(None)  # the close arrives after what came before it
 
@@ -551,6 +749,88 @@ class CallerSimulator:
                     await asyncio.sleep(delay)
                 await self._arrive(event, at)
         finally:
+            self._stream_over()
+
+    def _stream_over(self) -> None:
+        """Twilio has learnt that the stream is over: unless the caller hung up, the call goes
+        on with what the TwiML says next, if anything (and the stream's unplayed audio is lost),
+        or ends."""
+        if self.closed.is_set():
+            return
+        if not self._closed_by_server:
+            self._end("stream error")
+        elif self._connect is None or not self._connect.goes_on:
+            self._end("hangup")
+        else:
+            self._cut(self._clock())
+            self._next = asyncio.create_task(self._after_stream(self._connect))
+
+    async def _after_stream(self, done: _Connect) -> None:
+        """What Twilio does once the server has closed `done`'s stream: requests its action
+        URL and carries out the TwiML it answers, or carries out the verbs after it."""
+        try:
+            tasks, self._tasks = self._tasks, []
+            for task in tasks:
+                task.cancel()  # the caller's side of the old stream
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if not done.action:
+                await self._run(done.after, done.url, done.twilio)
+                return
+            at = self._clock()
+            form, status, twiml = await done.twilio.action(done.action)
+            self.log.actions.append(ActionRequest(at, done.action, form, status, twiml))
+            if status != 200:
+                self._end("application error")  # Twilio: "an application error has occurred"
+                return
+            await self._run(_verbs(twiml), done.action, done.twilio)
+        except Exception as exc:  # noqa: BLE001 - kept for place_call to raise
+            self._failure = exc
+            self._end("simulator error")
+
+    async def _run(self, verbs: list[ET.Element], url: str, twilio: _Twilio) -> None:
+        """Carries out TwiML verbs in order, as Twilio does, until one opens a stream or the
+        call ends (`url` is the document's)."""
+        for n, verb in enumerate(verbs):
+            if verb.tag == "Connect":
+                await self._open(_Connect.parse(verb, verbs[n + 1 :], url, twilio))
+                return
+            if verb.tag == "Hangup":
+                break
+            if verb.tag == "Dial":
+                self.log.transfers.extend(_dialled(verb))
+                self._end("dial")
+                return
+            if verb.tag == "Play":
+                digits = _digits(verb)
+                self.log.digits_played.append(digits.replace("w", "").replace("W", ""))
+                await asyncio.sleep(sum(2 * KEY_S if key == "W" else KEY_S for key in digits))
+            elif verb.tag == "Say":
+                text = "".join(verb.itertext()).strip()
+                self.log.said.append(text)
+                await asyncio.sleep(SAY_S_PER_CHAR * len(text))
+            else:
+                raise WebhookError(200, f"the simulator cannot follow <{verb.tag}> (from {url})")
+        self._end("hangup")
+
+    async def _open(self, connect: _Connect) -> None:
+        """A new Media Stream for the same call, as `connect` says: a new streamSid, its own
+        parameters, counters from the start; the caller carries on (with what they still have
+        to say, echo and interjections) over it."""
+        self._ws = await connect.twilio.open_stream(connect.stream_url)
+        self._connect = connect
+        self.stream_url, self.parameters = connect.stream_url, connect.parameters
+        self.stream_sid = _stream_sid(self.call_sid, len(self.log.streams))
+        self._seq = self._chunk = 0
+        self._pending_marks.clear()
+        self._closed_by_server = False
+        self._uplink, self._downlink = asyncio.Queue(), asyncio.Queue()
+        self._uplink_task = None
+        await self.begin()
+
+    def _end(self, how: Ending) -> None:
+        """The call is over (the first reason is the one logged)."""
+        if not self.closed.is_set():
+            self.log.ended = how
             self.closed.set()
 
     async def _carry_up(self) -> None:
@@ -580,6 +860,10 @@ class CallerSimulator:
 
     def _clear(self, now: float) -> None:
         self.log.clears.append(now)
+        self._cut(now)
+
+    def _cut(self, now: float) -> None:
+        """The caller hears nothing more of what was sent before `now`."""
         for h in self.log.heard:
             if h.start + len(h.audio) / 8000 > now:
                 h.audio = h.audio[: max(0, int((now - h.start) * 8000))]
@@ -622,8 +906,9 @@ class CallerSimulator:
             await self.press(digit)
 
     async def hang_up(self) -> None:
-        """Twilio's `stop`, then the socket closes (over a `Network`, once everything sent
-        before it has arrived)."""
+        """The caller hangs up: Twilio's `stop`, then the socket closes (over a `Network`, once
+        everything sent before it has arrived). Nothing more of the TwiML is carried out."""
+        self._end("caller")
         if self._tasks:
             self._tasks[0].cancel()  # no caller audio after the stop
         with contextlib.suppress(Exception):
@@ -635,6 +920,11 @@ class CallerSimulator:
         await self.close()
 
     async def close(self) -> None:
+        """Ends the call from the caller's side at once (no `stop`)."""
+        self._end("caller")
+        if self._next is not None:
+            self._next.cancel()
+            await asyncio.gather(self._next, return_exceptions=True)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -657,15 +947,18 @@ async def place_call(
     interjections: Sequence[Interjection] = (),
     webhook_fields: Mapping[str, str] | None = None,
 ) -> AsyncIterator[CallerSimulator]:
-    """Does what Twilio does when a call comes in, up to an open Media Stream: over the
-    network to `base_url`, or in-process to a Quart `app` (already started, e.g. inside
-    `app.test_app()`).
+    """Does what Twilio does when a call comes in, up to an open Media Stream (and after it
+    what the TwiML says, see the module's docstring): over the network to `base_url`, or
+    in-process to a Quart `app` (already started, e.g. inside `app.test_app()`). Action URLs
+    are requested on the same server, at their path. TwiML after the stream that the
+    simulator cannot follow raises its `WebhookError` on the way out.
 
     `public_url` is the URL Twilio would have used (what the server validates signatures
     against); it defaults to `base_url` (`http://localhost` in-process). `network`, `echo`
     and `interjections` make the line and the caller more like real ones (see the module's
-    docstring); the `network` slows the Media Stream, not the webhook. `webhook_fields` adds
-    to (or replaces) the webhook's form fields, e.g. a SIP Domain's `SipDomain`."""
+    docstring); the `network` slows the Media Streams, not the webhook or action requests.
+    `webhook_fields` adds to (or replaces) the webhook's form fields, e.g. a SIP Domain's
+    `SipDomain`."""
     if bool(base_url) == (app is not None):
         raise ValueError("place_call needs a base_url or an app, not both")
     public = (public_url or base_url or "http://localhost").rstrip("/")
@@ -677,52 +970,27 @@ async def place_call(
         "Direction": "inbound",
         **(webhook_fields or {}),
     }
-    headers = {}
     signer = SignatureChecker(auth_token, public) if auth_token else None
-    if signer:
-        headers["X-Twilio-Signature"] = signer.sign(public + "/voice", form)
-    if app is not None:
-        client = app.test_client()
-        response = await client.post("/voice", form=form, headers=headers)
-        status, body = response.status_code, await response.get_data(as_text=True)
-    else:
-        status, body = await _post_form(base_url.rstrip("/") + "/voice", form, headers)
-    if status != 200:
-        raise WebhookError(status, body)
-    stream_url, params = _stream_from_twiml(body)
-    ws_headers = {}
-    if signer:
-        ws_headers["X-Twilio-Signature"] = signer.sign(stream_url, {})
-    target = urllib.parse.urlsplit(stream_url)
     async with contextlib.AsyncExitStack() as stack:
-        ws: StreamSocket | ClientConnection
-        if app is not None:
-            connection = client.websocket(target.path, headers=ws_headers)
-            ws = _AppSocket(await stack.enter_async_context(connection))
-        else:
-            local = urllib.parse.urlsplit(base_url)
-            scheme = "wss" if local.scheme == "https" else "ws"
-            connect_url = urllib.parse.urlunsplit((scheme, local.netloc, target.path, "", ""))
-            ws = await stack.enter_async_context(
-                connect(
-                    connect_url,
-                    additional_headers=ws_headers,
-                    max_size=2**20,
-                    compression=None,  # Twilio does not negotiate permessage-deflate
-                )
-            )
+        twilio = _Twilio(base_url, app, signer, stack, form)
+        status, body = await twilio.post(public + "/voice", "/voice", form)
+        if status != 200:
+            raise WebhookError(status, body)
+        first = _first_connect(body, public + "/voice", twilio)
         sim = CallerSimulator(
-            ws,
+            await twilio.open_stream(first.stream_url),
             call_sid=call_sid,
-            parameters=params,
+            parameters=first.parameters,
             continuous=continuous,
             network=network,
             echo=echo,
             interjections=interjections,
+            connect=first,
         )
-        sim.stream_url = stream_url
         await sim.begin()
         try:
             yield sim
         finally:
             await sim.close()
+            if sim._failure is not None:
+                raise sim._failure
