@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -205,6 +207,14 @@ async def test_bad_signatures_get_403(server: RunningServer) -> None:
             async with connect(ws_url, additional_headers=headers):
                 pass
         assert rejected.value.response.status_code == 403
+    after = urllib.request.Request(
+        server.base_url + "/after-stream",
+        data=b"CallSid=CA1&CallStatus=in-progress",
+        headers={"X-Twilio-Signature": "forged"},
+    )
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        await asyncio.to_thread(urllib.request.urlopen, after, timeout=5)
+    assert refused.value.code == 403  # nobody else may tell a call to dial out
 
 
 def test_unsigned_requests_are_accepted_without_a_token(tmp_path: Path) -> None:

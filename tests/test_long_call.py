@@ -27,7 +27,7 @@ def _rss_mb() -> float:
 
 
 def test_a_30_minute_call_with_go_away_every_3_minutes(tmp_path: Path) -> None:
-    settings = Settings(agent="echo", session_db="")
+    settings = Settings(agent="echo", session_db="", caller_idle_s=0.0)  # silent for minutes
     echo = echo_app(faults=EchoFaults(go_away_after_s=180.0), keep_connections=True)
     app = create_app(settings, AgentSpec(echo, phone_run_config(settings), None))
     rss: dict[int, float] = {}

@@ -427,6 +427,76 @@ async def test_the_agent_ends_the_call_once_its_goodbye_is_heard(
 
 
 @pytest.fixture(scope="module")
+def transfer_server(
+    gemini: GeminiLiveService, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningServer]:
+    """The built-in agent with somewhere to transfer callers to."""
+    with running_server(
+        tmp_path_factory.mktemp("transfer"), agent="", transfer_to="+15557654321"
+    ) as running:
+        yield running
+
+
+async def test_the_agent_transfers_the_caller_once_its_handover_line_is_heard(
+    transfer_server: RunningServer, gemini: GeminiLiveService
+) -> None:
+    """The model calls `transfer_call` and says its handover line; the caller hears all of it,
+    then Twilio (asking the <Connect action>) dials the target; the session says where the
+    caller went."""
+    first = len(gemini.connections)
+    target = {"transfer_to": "+1 555 765 4321"}
+    gemini.plan(FaultPlan.tool_call("transfer_call", target, after_turns=1))
+    async with _call(transfer_server) as sim:
+        await _greeted(sim)
+        _, end = await say(sim, "sunday")
+        await asyncio.wait_for(sim.closed.wait(), 10)
+        assert _echo_score(sim, end, "sunday") > 0.9  # the handover line, whole
+    assert (sim.log.transfers, sim.log.ended) == (["+15557654321"], "dial")
+    [connection] = _connections(gemini, first)
+    [response] = connection.tool_responses
+    assert response["response"]["result"].startswith("Transferring the caller to +15557654321")
+    events = _session(transfer_server, sim.call_sid).events
+    said = [p.function_response for e in events for p in (e.content.parts if e.content else [])]
+    assert any(r and r.name == "transfer_call" and "+15557654321" in str(r.response) for r in said)
+
+
+async def test_a_transfer_outside_the_allow_list_is_refused_and_the_call_goes_on(
+    transfer_server: RunningServer, gemini: GeminiLiveService
+) -> None:
+    plan = FaultPlan.tool_call("transfer_call", {"transfer_to": "+442071234567"}, after_turns=1)
+    [connection] = await _answered_across_a_reconnect(transfer_server, gemini, plan)
+    [response] = connection.tool_responses
+    assert response["response"]["result"] == (
+        "Could not transfer the call: transfers to +442071234567 are not allowed."
+    )
+
+
+async def test_the_agent_presses_keys_and_the_call_goes_on_over_a_new_stream(
+    server: RunningServer, gemini: GeminiLiveService
+) -> None:
+    """`send_dtmf`: once the agent's reply is heard the stream ends, Twilio plays the tones
+    (asked through the <Connect action>), and a new stream carries on the same call and live
+    session."""
+    first = len(gemini.connections)
+    gemini.plan(FaultPlan.tool_call("send_dtmf", {"digits": "12#"}, after_turns=1))
+    async with _call(server) as sim:
+        await _greeted(sim)
+        _, end = await say(sim, "sunday")
+        await wait_until(lambda: len(sim.log.streams) == 2, 10, "the new stream")
+        assert sim.log.digits_played == ["12#"]
+        assert _echo_score(sim, end, "sunday") > 0.9  # heard before the keys
+        await asyncio.sleep(0.5)
+        _, end = await say(sim, "time")
+        await wait_until(lambda: _heard_after(sim, end), 4, "the answer over the new stream")
+        await sim.agent_quiet(0.6)
+        assert _echo_score(sim, end, "time") > 0.9
+        await _hang_up(server, sim)
+    [connection] = _connections(gemini, first)  # one live session throughout
+    [response] = connection.tool_responses
+    assert response["response"]["result"] == "Sent the tones 12#."
+
+
+@pytest.fixture(scope="module")
 def limited_server(
     gemini: GeminiLiveService, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[RunningServer]:

@@ -81,6 +81,7 @@ __all__ = [
     "SOUNDS",
     "ActionRequest",
     "CallLog",
+    "CallOver",
     "CallerSimulator",
     "Echo",
     "Ending",
@@ -174,6 +175,10 @@ class Interjection:
             raise ValueError("after_agent_s cannot be negative")
 
 
+class CallOver(RuntimeError):
+    """The caller spoke into a call that has ended."""
+
+
 class WebhookError(RuntimeError):
     """The voice webhook did not answer with a usable <Connect><Stream>, or TwiML (the webhook's
     or an action URL's) asked for what the simulator cannot do."""
@@ -204,6 +209,7 @@ class ActionRequest:
     url: str
     form: dict[str, str]
     status: int
+    """0 when no answer came at all (the server was unreachable)."""
     twiml: str
 
 
@@ -554,7 +560,10 @@ class CallerSimulator:
             self._tasks.append(self._uplink_task)
 
     async def say(self, mulaw: bytes) -> float:
-        """Queues caller audio; returns once its first frame is sent, with the time it was."""
+        """Queues caller audio; returns once its first frame is sent, with the time it was
+        (raises `CallOver` once the call has ended)."""
+        if self.closed.is_set():
+            raise CallOver(f"the call is over ({self.log.ended}): nobody hears the caller")
         first: asyncio.Future[float] = asyncio.get_running_loop().create_future()
         for i in range(0, len(mulaw), FRAME_BYTES):
             frame = mulaw[i : i + FRAME_BYTES].ljust(FRAME_BYTES, b"\xff")
@@ -777,7 +786,10 @@ class CallerSimulator:
                 await self._run(done.after, done.url, done.twilio)
                 return
             at = self._clock()
-            form, status, twiml = await done.twilio.action(done.action)
+            try:
+                form, status, twiml = await done.twilio.action(done.action)
+            except OSError as exc:  # the server is gone (it shut down): Twilio gets no TwiML
+                form, status, twiml = {}, 0, str(exc)
             self.log.actions.append(ActionRequest(at, done.action, form, status, twiml))
             if status != 200:
                 self._end("application error")  # Twilio: "an application error has occurred"
@@ -828,10 +840,15 @@ class CallerSimulator:
         await self.begin()
 
     def _end(self, how: Ending) -> None:
-        """The call is over (the first reason is the one logged)."""
+        """The call is over (the first reason is the one logged). What the caller still had
+        to say is heard by nobody: a test waiting for it fails instead of waiting forever."""
         if not self.closed.is_set():
             self.log.ended = how
             self.closed.set()
+        for _, first in self._outgoing:
+            if first is not None and not first.done():
+                first.set_exception(CallOver(f"the call is over ({how}): nobody hears the caller"))
+        self._outgoing.clear()
 
     async def _carry_up(self) -> None:
         """Delivers Twilio's messages to the server when they arrive over the `Network`; None
