@@ -68,7 +68,6 @@ __all__ = [
     "CallOptions",
     "Handover",
     "ModelStalled",
-    "TargetError",
     "asset",
 ]
 
