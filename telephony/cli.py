@@ -1,5 +1,6 @@
 """The `telephony` command: `serve [AGENT]` runs the phone server under hypercorn,
-`simulate CALLER.wav` places a simulated call."""
+`simulate CALLER.wav` places a simulated call, `call NUMBER` has Twilio call a number for the
+running server."""
 
 from __future__ import annotations
 
@@ -141,6 +142,19 @@ def _parser() -> argparse.ArgumentParser:
         metavar="MS",
         help="time from one key to the next (default 100)",
     )
+    call = commands.add_parser(
+        "call",
+        help="place an outbound call through Twilio; once answered it comes to the running "
+        "server at TELEPHONY_PUBLIC_URL, whose agent talks",
+    )
+    call.add_argument("to", help="the number to call (E.164, e.g. +15551234567) or a SIP URI")
+    call.add_argument(
+        "--from",
+        dest="from_",
+        default="",
+        help="the caller ID: a number of your Twilio account or a verified caller ID "
+        "(default TELEPHONY_CALLER_ID)",
+    )
     return parser
 
 
@@ -149,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     load_dotenv()
     if args.command == "simulate":
         return _simulate(args)
+    if args.command == "call":
+        return _call(args)
     try:
         settings = Settings.from_env(
             agent=args.agent,
@@ -174,6 +190,30 @@ def main(argv: list[str] | None = None) -> int:
         print(f"telephony: {exc}", file=sys.stderr)
         return 2
     asyncio.run(_serve(app, settings, args.hypercorn_config))
+    return 0
+
+
+def _call(args: argparse.Namespace) -> int:
+    from .server.app import place_outbound
+    from .twilio.rest import OutboundError
+
+    try:
+        settings = Settings.from_env()
+        if not settings.public_url:
+            raise SettingsError(
+                "TELEPHONY_PUBLIC_URL must say where Twilio reaches the server that takes the call"
+            )
+    except SettingsError as exc:
+        print(f"telephony: {exc}", file=sys.stderr)
+        return 2
+    try:
+        sid = asyncio.run(
+            place_outbound(settings, settings.public_url.rstrip("/"), args.to, args.from_)
+        )
+    except OutboundError as exc:
+        print(f"telephony: {exc}", file=sys.stderr)
+        return 1
+    print(sid)
     return 0
 
 

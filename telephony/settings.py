@@ -33,6 +33,20 @@ class Settings:
     address: the TwiML sends each call's media stream back to the instance that answered it,
     and upgrade signatures are checked against it. Empty: the public URL."""
     twilio_auth_token: str = ""
+    twilio_account_sid: str = ""
+    twilio_api_key: str = ""
+    """An API key SID (SK...) for placing calls; with `twilio_api_secret`. Without it, outbound
+    calls authenticate with the account SID and auth token."""
+    twilio_api_secret: str = ""
+    caller_id: str = ""
+    """The number outbound calls come from (a number of your Twilio account, or a verified
+    caller ID), unless a call names its own."""
+    calls_token: str = ""
+    """Bearer token for `POST /calls`; empty: the endpoint refuses every request."""
+    max_outbound_calls: int = 10
+    """Outbound calls being placed or in progress at once beyond which `POST /calls` refuses."""
+    rest_api_url: str = ""
+    """Twilio's REST API base URL; empty: Twilio's own (tests point it at a stand-in)."""
     agent: str = ""
     """`echo`, an agent folder (adk web layout), or empty for the built-in Gemini agent."""
     model: str = ""
@@ -111,9 +125,7 @@ class Settings:
         env = os.environ if environ is None else environ
         values: dict[str, object] = {}
         for f in fields(cls):
-            name = (
-                f.name.upper() if f.name == "twilio_auth_token" else f"TELEPHONY_{f.name.upper()}"
-            )
+            name = f.name.upper() if f.name.startswith("twilio_") else f"TELEPHONY_{f.name.upper()}"
             if name in env:
                 values[f.name] = _coerce(name, env[name], type(f.default))
         if "PORT" in env and "TELEPHONY_PORT" not in env:
@@ -157,6 +169,15 @@ class Settings:
             raise SettingsError("TELEPHONY_BARGE_IN_MIN_SPEECH_MS must be 0 or more")
         if not 20 <= self.barge_in_resume_ms <= 600:
             raise SettingsError("TELEPHONY_BARGE_IN_RESUME_MS must be 20-600")
+        if self.max_outbound_calls < 0:
+            raise SettingsError("TELEPHONY_MAX_OUTBOUND_CALLS must be 0 or more")
+        if self.caller_id:
+            try:
+                transfer_target(self.caller_id)
+            except TargetError as exc:
+                raise SettingsError(f"TELEPHONY_CALLER_ID: {exc}") from None
+        if self.calls_token and len(self.calls_token) < 16:
+            raise SettingsError("TELEPHONY_CALLS_TOKEN must be at least 16 characters")
         if self.max_call_s < 0 or self.caller_idle_s < 0:
             raise SettingsError("TELEPHONY_MAX_CALL_S and TELEPHONY_CALLER_IDLE_S must be >= 0")
         if 0 < self.caller_idle_s < 5:

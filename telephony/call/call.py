@@ -78,6 +78,17 @@ ATTACH_WAIT_S = 5.0
 """Last words for a call whose stream is not open yet wait this long for it."""
 LAST_WORDS_MARGIN_S = 2.0
 """Beyond its own length, how long a closing message may take to play before we hang up."""
+ANSWERED_BY = {
+    "human": ("(A person answered the phone.)", False),
+    "machine": (
+        "(An answering machine took the call and its beep has sounded: leave your message "
+        "now, in a few sentences, then call end_call.)",
+        True,
+    ),
+    "unknown": ("(It is not known whether a person or a machine answered.)", False),
+}
+"""What the model is told of Twilio's `AnsweredBy` (human, machine_end_beep, ...), and whether
+it should speak at once."""
 STREAM_RETURN_S = 60.0
 """A call that let its stream go for Twilio to press keys ends if no new stream comes by then
 (64 keys with pauses take well under it)."""
@@ -238,6 +249,8 @@ class Call:
         self.handover: Handover | None = None
         """What the stream's `<Connect action>` is to do now that the call let it go."""
         self._return_timer: asyncio.TimerHandle | None = None
+        self.statuses: list[str] = []
+        """What Twilio's status callbacks said of the call, in order."""
         self.done = asyncio.Event()
         """Set once the call is over, whoever ended it; the socket handler then hangs up."""
         self.end_reason = ""
@@ -301,7 +314,8 @@ class Call:
         for task in self._tasks:
             task.add_done_callback(self._task_ended)
         register(self.info.call_sid, self)
-        if self._options.greeting:
+        if self._options.greeting and self.info.direction == "inbound":
+            # An outbound call's far end speaks first (or its answering machine does).
             self.live.send_text(self._options.greeting)
 
     def attach(self, start: Start, send: Callable[[str], Awaitable[None]]) -> asyncio.Event:
@@ -539,6 +553,17 @@ class Call:
     @property
     def transfers_allowed(self) -> bool:
         return bool(self._options.transfer_allow)
+
+    def answered_by(self, who: str) -> None:
+        """Twilio's answering machine detection: the model learns who took the call (and the
+        session state keeps it as `telephony_answered_by`). A machine's beep has sounded by
+        then: the model leaves its message now. A fax gets nothing to hear."""
+        self._log("answered by %s", who)
+        if who == "fax":
+            self.end("a fax machine answered")
+            return
+        text, reply = ANSWERED_BY.get(who.split("_")[0], ANSWERED_BY["unknown"])
+        self.live.tell(text, state={"telephony_answered_by": who}, reply=reply)
 
     def end_after_reply(self) -> None:
         """The agent's `end_call`: the call ends once its goodbye has been heard."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -16,17 +17,38 @@ from ..call import Call, CallInfo, CallOptions, asset
 from ..call.logs import mask_number
 from ..settings import Settings
 from ..twilio.media_stream import Connected, ProtocolError, Start, parse
+from ..twilio.rest import (
+    BadNumber,
+    Credentials,
+    NoCredentials,
+    OutboundCall,
+    OutboundError,
+    place,
+)
 from ..twilio.signatures import SignatureChecker, websocket_url
 from ..twilio.twiml import busy, call_parameters, connect_stream, dial, hang_up
 from .capacity import Admission, LoopMonitor
 from .registry import CallRegistry
 from .sessions import PersistentSqliteSessionService
 
-__all__ = ["AFTER_STREAM_PATH", "STREAM_PATH", "create_app", "drain"]
+__all__ = [
+    "AFTER_STREAM_PATH",
+    "AMD_PATH",
+    "STATUS_PATH",
+    "STREAM_PATH",
+    "TooManyCalls",
+    "create_app",
+    "drain",
+    "place_outbound",
+]
 
 log = logging.getLogger(__name__)
 
 STREAM_PATH = "/stream"
+STATUS_PATH = "/status"
+"""Where Twilio posts call and stream status callbacks."""
+AMD_PATH = "/answered-by"
+"""Where Twilio posts the result of answering machine detection."""
 AFTER_STREAM_PATH = "/after-stream"
 """The `<Connect action>`: where Twilio asks what to do once a call's stream has ended."""
 MAX_FRAME_BYTES = 64 * 1024
@@ -38,6 +60,18 @@ START_TIMEOUT_S = 10.0
 """Twilio sends `connected` and `start` at once; a socket without `start` by then is closed."""
 SEND_TIMEOUT_S = 5.0
 """A write to Twilio that has not gone out in this long means the socket is dead: hang up."""
+
+
+class TooManyCalls(OutboundError):
+    """`TELEPHONY_MAX_OUTBOUND_CALLS` are being placed or in progress."""
+
+
+_OUTBOUND_STATUS: dict[type[OutboundError], int] = {
+    TooManyCalls: 429,
+    BadNumber: 400,
+    NoCredentials: 503,
+}
+"""`POST /calls` answers a call not placed with these; Twilio's own refusals with 502."""
 
 
 def create_app(settings: Settings, spec: AgentSpec | None = None) -> Quart:
@@ -92,6 +126,8 @@ def create_app(settings: Settings, spec: AgentSpec | None = None) -> Quart:
         if settings.max_loop_busy and load.busy > settings.max_loop_busy:
             return f"overloaded (event loop busy {load.busy:.0%} of the time)"
         return admission.refusal(len(calls), now)
+
+    shown = mask_number if settings.mask_callers else str
 
     def public_base() -> str:
         return settings.public_url.rstrip("/") or f"{request.scheme}://{request.host}"
@@ -177,7 +213,6 @@ def create_app(settings: Settings, spec: AgentSpec | None = None) -> Quart:
             return Response(busy(), content_type="text/xml")
         admission.admit(now)
         info = CallInfo.from_parameters(call_sid, call_parameters(form))
-        shown = mask_number if settings.mask_callers else str
         log.info(
             "call %s: incoming from %s to %s", call_sid, shown(info.caller), shown(info.callee)
         )
@@ -203,6 +238,68 @@ def create_app(settings: Settings, spec: AgentSpec | None = None) -> Quart:
             return stream_twiml(base, call.info, handover.digits)
         log.info("call %s: stream over; hanging up", call_sid)
         return Response(hang_up(), content_type="text/xml")
+
+    @app.post(STATUS_PATH)
+    async def status() -> tuple[str, int]:
+        """Twilio's status callbacks: call progress (`CallStatus`) and the stream's
+        (`StreamEvent`: stream-started, stream-stopped, stream-error)."""
+        form = await signed_form(public_base())
+        if isinstance(form, tuple):
+            return form
+        event = form.get("StreamEvent") or form.get("CallStatus") or "an unknown status"
+        if duration := form.get("CallDuration"):
+            event += f" after {duration} s"
+        if error := form.get("StreamError"):
+            event += f" ({error})"
+        calls.status(form["CallSid"], event)
+        return "", 204
+
+    @app.post(AMD_PATH)
+    async def answered_by() -> tuple[str, int]:
+        """Twilio's asynchronous answering machine detection: who took an outbound call."""
+        form = await signed_form(public_base())
+        if isinstance(form, tuple):
+            return form
+        who = form.get("AnsweredBy", "unknown")
+        if (call := calls.get(form["CallSid"])) is None:
+            log.warning("call %s: answered by %s, but the call is over", form["CallSid"], who)
+        else:
+            call.answered_by(who)
+        return "", 204
+
+    @app.post("/calls")
+    async def place_call() -> tuple[dict[str, str], int]:
+        """Places an outbound call: `{"to": "+1...", "from": "+1..."}` (from: optional) with
+        `Authorization: Bearer TELEPHONY_CALLS_TOKEN`."""
+        if not settings.calls_token:
+            return {"error": "outbound calls are off: set TELEPHONY_CALLS_TOKEN"}, 403
+        given = request.headers.get("Authorization", "").removeprefix("Bearer ")
+        if not hmac.compare_digest(given.encode(), settings.calls_token.encode()):
+            log.warning("POST /calls rejected (401): bad or missing bearer token")
+            return {"error": "a valid bearer token is required"}, 401
+        body = await request.get_json(silent=True)
+        if not isinstance(body, dict) or not isinstance(body.get("to"), str):
+            return {"error": 'the body must be JSON like {"to": "+15551234567"}'}, 400
+        try:
+            sid = await outbound(body["to"], str(body.get("from") or ""))
+        except OutboundError as exc:
+            log.warning("outbound call to %s not placed: %s", shown(body["to"]), exc)
+            return {"error": str(exc)}, _OUTBOUND_STATUS.get(type(exc), 502)
+        return {"call_sid": sid}, 201
+
+    async def outbound(to: str, from_: str) -> str:
+        """Places a call whose answer connects to this instance."""
+        if settings.max_outbound_calls and calls.outbound >= settings.max_outbound_calls:
+            raise TooManyCalls(
+                f"{calls.outbound} outbound calls already (TELEPHONY_MAX_OUTBOUND_CALLS)"
+            )
+        calls.placing += 1
+        try:
+            sid = await place_outbound(settings, public_base(), to, from_)
+        finally:
+            calls.placing -= 1
+        log.info("call %s: placed to %s", sid, shown(to))
+        return sid
 
     @app.websocket(STREAM_PATH)
     async def stream() -> tuple[str, int] | None:
@@ -234,6 +331,26 @@ def create_app(settings: Settings, spec: AgentSpec | None = None) -> Quart:
             await sessions.close()
 
     return app
+
+
+async def place_outbound(settings: Settings, base: str, to: str, from_: str = "") -> str:
+    """Has Twilio call `to` from `from_` (default `TELEPHONY_CALLER_ID`); once answered, the
+    call comes to the server at `base` like an incoming one, with status callbacks and
+    answering machine detection posted there too. Returns the call SID."""
+    call = OutboundCall(
+        to=to,
+        from_=from_ or settings.caller_id,
+        webhook_url=base + "/voice",
+        status_callback=base + STATUS_PATH,
+        amd_callback=base + AMD_PATH,
+    )
+    credentials = Credentials(
+        settings.twilio_account_sid,
+        settings.twilio_api_key,
+        settings.twilio_api_secret,
+        settings.twilio_auth_token,
+    )
+    return await place(call, credentials, settings.rest_api_url)
 
 
 async def drain(app: Quart, timeout_s: float) -> None:

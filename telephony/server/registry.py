@@ -43,6 +43,8 @@ class CallRegistry:
         self._emptied = asyncio.Event()
         self._handovers: dict[str, Handover] = {}
         """Handovers of calls that ended, until Twilio asks what to do next."""
+        self.placing = 0
+        """Outbound calls being created (Twilio's REST API has not answered yet)."""
 
     def __len__(self) -> int:
         return len(self._calls)
@@ -88,6 +90,19 @@ class CallRegistry:
         call.start()
         self._spawn(self._reap(call))
         return call
+
+    @property
+    def outbound(self) -> int:
+        """Outbound calls being placed or in progress."""
+        return self.placing + sum(
+            call.info.direction.startswith("outbound") for call in self._calls.values()
+        )
+
+    def status(self, call_sid: str, status: str) -> None:
+        """A status callback from Twilio (call progress or the media stream's)."""
+        log.info("call %s: Twilio reports %s", call_sid, status)
+        if (call := self._calls.get(call_sid)) is not None:
+            call.statuses.append(status)
 
     def take_handover(self, call_sid: str) -> Handover | None:
         """What Twilio should do with a call whose stream we let go (None: hang up)."""
