@@ -4,14 +4,18 @@ anything is sent to Twilio; Twilio's own refusals come back with its code."""
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from telephony.twilio.signatures import SignatureChecker
 
 from .server import RunningServer, free_port, running_server
 
@@ -102,3 +106,26 @@ def test_the_command_names_what_is_wrong(tmp_path: Path) -> None:
     done = run("+15551234567", "--from", "+15550001000", TELEPHONY_PUBLIC_URL="http://127.0.0.1:9")
     assert done.returncode == 1 and "TWILIO_ACCOUNT_SID" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_status_callbacks_are_signature_checked_and_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="telephony")
+    with running_server(tmp_path, twilio_auth_token="auth-token") as server:
+        url = server.base_url + "/status"
+        form = {"CallSid": "CA9", "CallStatus": "completed", "CallDuration": "42"}
+        signature = SignatureChecker("auth-token", server.base_url).sign(url, form)
+        for sig, expected in (("forged", 403), (signature, 204)):
+            request = urllib.request.Request(
+                url,
+                data=urllib.parse.urlencode(form).encode(),
+                headers={"X-Twilio-Signature": sig},
+            )
+            try:
+                with urllib.request.urlopen(request, timeout=5) as response:
+                    status = response.status
+            except urllib.error.HTTPError as exc:
+                status = exc.code
+            assert status == expected
+    assert "call CA9: Twilio reports completed after 42 s" in caplog.text

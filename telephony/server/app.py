@@ -196,6 +196,7 @@ def create_app(settings: Settings, spec: AgentSpec | None = None) -> Quart:
             info.stream_parameters(),
             action=origin + AFTER_STREAM_PATH,
             digits=digits,
+            status_callback=public_base() + STATUS_PATH,
         )
         return Response(twiml, content_type="text/xml")
 

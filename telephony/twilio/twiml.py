@@ -43,15 +43,22 @@ def busy(message: str = BUSY_MESSAGE) -> str:
 
 
 def connect_stream(
-    stream_url: str, parameters: dict[str, str], *, action: str = "", digits: str = ""
+    stream_url: str,
+    parameters: dict[str, str],
+    *,
+    action: str = "",
+    digits: str = "",
+    status_callback: str = "",
 ) -> str:
     """`<Connect><Stream>`: a bidirectional Media Stream; per-call values ride as <Parameter>s
     because Twilio strips the query string from the stream URL. With `action`, Twilio asks
     that URL what to do once the stream ends (a transfer, keys to press, or hang up), so the
-    call needs no REST credentials for those. `digits` are played to the far end first."""
+    call needs no REST credentials for those. `digits` are played to the far end first;
+    `status_callback` receives the stream's stream-started/stopped/error events."""
     if not stream_url.startswith("wss://") and not stream_url.startswith("ws://"):
         raise ValueError(f"stream URL must be wss:// (ws:// only on loopback), got {stream_url!r}")
-    stream = Stream(url=stream_url)
+    callback = {"status_callback": status_callback, "status_callback_method": "POST"}
+    stream = Stream(url=stream_url, **(callback if status_callback else {}))
     for name, value in parameters.items():
         if value:
             stream.parameter(name=name, value=value)
