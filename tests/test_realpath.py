@@ -177,8 +177,13 @@ async def test_barge_in(
         await asyncio.sleep(reply + into_reply_s - time.monotonic())
         onset, barge_end = await say(sim, "stop")
         await wait_until(lambda: sim.log.clears, 1, "a clear")
+        after_onset = _heard_between(sim, onset, barge_end)
+        print(
+            f"barge-in {into_reply_s} s into the reply: cleared {sim.log.clears[0] - onset:.3f} s "
+            f"after onset, {after_onset:.3f} s of agent audio heard after it"
+        )
         assert sim.log.clears[0] > onset and sim.log.clears[0] - onset <= 0.3
-        assert _heard_between(sim, onset, barge_end) <= 0.35
+        assert after_onset <= 0.35
         await wait_until(lambda: _heard_after(sim, barge_end), 4, "the answer to the barge-in")
         await sim.agent_quiet(0.6)
         assert _echo_score(sim, barge_end, "stop") > 0.9
@@ -584,6 +589,7 @@ async def test_a_backchannel_or_cough_loses_nothing_of_the_reply(
     server: RunningServer, gemini: GeminiLiveService, sound: str
 ) -> None:
     share = await _reply_heard(server, interjections=[Interjection(sound, after_agent_s=1.0)])
+    print(f"{sound} 1 s into the reply: {share:.0%} of it heard")
     assert share >= 0.9
 
 
@@ -593,6 +599,7 @@ async def test_a_handset_echo_of_the_agent_never_interrupts_it(
     """The model hears nothing of the echo: no interruption, and no turn taken from it."""
     first = len(gemini.connections)
     share = await _reply_heard(server, echo=Echo(level_db=-25.0, delay_s=0.15))
+    print(f"-25 dB echo 150 ms late: {share:.0%} of the reply heard")
     assert share >= 0.9
     [connection] = _connections(gemini, first)
     assert _sent(connection, "interrupted") == 0
