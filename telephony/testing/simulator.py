@@ -27,7 +27,9 @@ noise with a 4 ms attack and a decaying tail. Both sit at speech level (RMS abou
 both make WebRTC's VAD (and the bridge's detector) report speech, as real ones do.
 
 It reaches the server over the network (`place_call(url)`) or in-process through the ASGI app
-(`place_call(app=app)`), which is what lets a replay run on a virtual clock.
+(`place_call(app=app)`), which is what lets a replay run on a virtual clock. A call the server
+placed itself (through Twilio's REST API) starts with `answer_call()` instead: the simulator is
+then whoever answered, from the call's webhook on (the REST stand-in, `twilio_rest`, uses it).
 
 When the server closes the stream, the simulator goes on with the call as Twilio does: it
 requests the `<Connect>`'s `action` URL (signed, with the call's standard parameters) and
@@ -90,6 +92,7 @@ __all__ = [
     "Network",
     "StreamSocket",
     "WebhookError",
+    "answer_call",
     "place_call",
     "sound",
 ]
@@ -478,9 +481,11 @@ class CallerSimulator:
         echo: Echo | None = None,
         interjections: Sequence[Interjection] = (),
         connect: _Connect | None = None,
+        account_sid: str = "AC" + "0" * 32,
     ) -> None:
         self._ws = ws
         self.call_sid = call_sid
+        self.account_sid = account_sid
         self.stream_sid = _stream_sid(call_sid, 0)
         self.parameters = parameters
         """The stream's custom parameters (Twilio sends them again on a new stream)."""
@@ -539,7 +544,7 @@ class CallerSimulator:
         start = Start(
             sequence_number=self._next_seq(),
             stream_sid=self.stream_sid,
-            account_sid="AC" + "0" * 32,
+            account_sid=self.account_sid,
             call_sid=self.call_sid,
             tracks=("inbound",),
             custom_parameters=self.parameters,
@@ -929,7 +934,7 @@ class CallerSimulator:
         if self._tasks:
             self._tasks[0].cancel()  # no caller audio after the stop
         with contextlib.suppress(Exception):
-            stop = Stop(self._next_seq(), self.stream_sid, "AC" + "0" * 32, self.call_sid)
+            stop = Stop(self._next_seq(), self.stream_sid, self.account_sid, self.call_sid)
             await self._send(stop.to_json())
         if self._uplink_task is not None:
             self._uplink.put_nowait(None)
@@ -993,21 +998,81 @@ async def place_call(
         status, body = await twilio.post(public + "/voice", "/voice", form)
         if status != 200:
             raise WebhookError(status, body)
-        first = _first_connect(body, public + "/voice", twilio)
-        sim = CallerSimulator(
-            await twilio.open_stream(first.stream_url),
-            call_sid=call_sid,
-            parameters=first.parameters,
-            continuous=continuous,
-            network=network,
-            echo=echo,
-            interjections=interjections,
-            connect=first,
-        )
-        await sim.begin()
-        try:
+        caller_options = _CallerOptions(continuous, network, echo, tuple(interjections))
+        async with _follow(body, public + "/voice", twilio, form, caller_options) as sim:
             yield sim
-        finally:
-            await sim.close()
-            if sim._failure is not None:
-                raise sim._failure
+
+
+@contextlib.asynccontextmanager
+async def answer_call(
+    base_url: str = "",
+    *,
+    app: Any = None,
+    form: Mapping[str, str],
+    url: str = "",
+    twiml: str = "",
+    auth_token: str = "",
+    continuous: bool = True,
+    network: Network | None = None,
+    echo: Echo | None = None,
+    interjections: Sequence[Interjection] = (),
+) -> AsyncIterator[CallerSimulator]:
+    """Does what Twilio does once a call it placed (REST API, `Direction=outbound-api`) is
+    answered: requests the call's `url` with `form` (the call's standard parameters, which
+    action requests repeat) or takes its inline `twiml`, and follows the TwiML as `place_call`
+    does. The simulator is then the far end: the person or machine that answered.
+
+    `url` is the absolute URL Twilio was given (what it signs); its path and query are
+    requested on `base_url`, or in-process on `app`, and so are action and stream URLs. A
+    webhook answering other than 200 raises `WebhookError` at once."""
+    if bool(base_url) == (app is not None):
+        raise ValueError("answer_call needs a base_url or an app, not both")
+    if bool(url) == bool(twiml):
+        raise ValueError("answer_call needs the call's url or its twiml, not both")
+    signer = SignatureChecker(auth_token, base_url or "http://localhost") if auth_token else None
+    async with contextlib.AsyncExitStack() as stack:
+        twilio = _Twilio(base_url, app, signer, stack, form)
+        if url:
+            target = urllib.parse.urlsplit(url)
+            path = (target.path or "/") + (f"?{target.query}" if target.query else "")
+            status, twiml = await twilio.post(url, path, dict(form))
+            if status != 200:
+                raise WebhookError(status, twiml)
+        caller_options = _CallerOptions(continuous, network, echo, tuple(interjections))
+        async with _follow(twiml, url, twilio, form, caller_options) as sim:
+            yield sim
+
+
+@dataclass(frozen=True)
+class _CallerOptions:
+    continuous: bool
+    network: Network | None
+    echo: Echo | None
+    interjections: tuple[Interjection, ...]
+
+
+@contextlib.asynccontextmanager
+async def _follow(
+    twiml: str, url: str, twilio: _Twilio, form: Mapping[str, str], options: _CallerOptions
+) -> AsyncIterator[CallerSimulator]:
+    """From the TwiML a call was answered with (at `url`) to its first Media Stream, and the
+    call's simulator on it until the caller leaves; TwiML it could not follow is raised then."""
+    first = _first_connect(twiml, url, twilio)
+    sim = CallerSimulator(
+        await twilio.open_stream(first.stream_url),
+        call_sid=form["CallSid"],
+        parameters=first.parameters,
+        continuous=options.continuous,
+        network=options.network,
+        echo=options.echo,
+        interjections=options.interjections,
+        connect=first,
+        account_sid=form["AccountSid"],
+    )
+    await sim.begin()
+    try:
+        yield sim
+    finally:
+        await sim.close()
+        if sim._failure is not None:
+            raise sim._failure
