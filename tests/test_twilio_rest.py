@@ -376,3 +376,30 @@ async def test_the_next_create_can_be_made_to_fail(
     assert (raised.value.status, raised.value.code) == (status, expected)
     retried = await asyncio.to_thread(create, to=TO, from_=FROM_NUMBER, url=VOICE)
     assert retried.status == "queued" and list(standin.calls) == [retried.sid]
+
+
+async def test_amd_without_async_holds_the_webhook_until_it_decides(
+    app: tuple[FakeServer, str], standin: TwilioRestService
+) -> None:
+    """The machine's greeting and beep go by before the webhook, which says who answered;
+    the machine records everything on the stream."""
+    server, local = app
+    standin.far_ends[TO] = FarEnd("machine", ring_s=0.1, greeting=noise(1.0, seed=8))
+    sid = await place(
+        standin,
+        local,
+        machine_detection="DetectMessageEnd",
+        machine_detection_speech_threshold=1000,
+    )
+    call = standin.calls[sid]
+    leg = await server.leg(0)
+    [voice] = server.requests
+    assert voice.form["AnsweredBy"] == "machine_end_beep" == call.answered_by
+    assert voice.form["MachineDetectionDuration"] == "1900"  # 1 s, 0.3 s, 0.5 s beep, 0.1 s
+    assert call.recording_from is not None
+    leg.send(media_message(leg.stream_sid, noise(0.3, seed=9)))
+    await asyncio.sleep(0.5)
+    leg.hang_up()
+    await standin.wait_for(lambda: call.settled, 5)
+    assert 2400 <= len(call.message()) and call.callbacks == []
+    assert all(frame == b"\xff" * 160 for frame in leg.frames())  # it said nothing on the stream

@@ -21,8 +21,11 @@ detection decides from what the far end says: a person's short "hello" and the s
 it, a machine's long greeting and its beep. A machine records what it hears after its beep
 (`OutboundCall.message()`). When the TwiML runs out, the call completes.
 
-What is not simulated: redirecting a live call (`Url`/`Twiml` on an update), callbacks by
-GET for AMD, `SendDigits`, recordings, and any other resource."""
+Status callbacks arrive in the order the events happened (Twilio only says they may not);
+Twilio's synchronous AMD (without `AsyncAmd=true`) holds the webhook until it decides and
+sends `AnsweredBy` with it. What is not simulated: redirecting a live call (`Url`/`Twiml` on
+an update answers 501), listing calls, `SendDigits`, `Method=GET` for the webhook,
+recordings, and any other resource."""
 
 from __future__ import annotations
 
@@ -54,6 +57,7 @@ from types import TracebackType
 from typing import Any, Literal, TypeVar
 
 import numpy as np
+from websockets.exceptions import InvalidHandshake
 
 from ..audio import mulaw_encode
 from ..twilio.signatures import SignatureChecker
@@ -735,6 +739,9 @@ class TwilioRestService:
             if exc.status == 200:  # TwiML the simulator cannot follow: the test must know
                 call.failure = exc
             self._event(call, "application error", str(exc))
+        except InvalidHandshake as exc:  # the application refused the stream
+            call.failure = exc
+            self._event(call, "stream refused", repr(exc))
         except OSError as exc:
             self._event(call, "application error", repr(exc))
 
