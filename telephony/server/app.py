@@ -278,7 +278,7 @@ def create_app(settings: Settings, spec: AgentSpec | None = None) -> Quart:
         if not hmac.compare_digest(given.encode(), settings.calls_token.encode()):
             log.warning("POST /calls rejected (401): bad or missing bearer token")
             return {"error": "a valid bearer token is required"}, 401
-        body = await request.get_json(silent=True)
+        body = await request.get_json(force=True, silent=True)
         if not isinstance(body, dict) or not isinstance(body.get("to"), str):
             return {"error": 'the body must be JSON like {"to": "+15551234567"}'}, 400
         try:
