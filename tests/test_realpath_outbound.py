@@ -9,6 +9,7 @@ import json
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,7 +30,7 @@ from .test_realpath import gemini as gemini  # the module fixture, shared
 
 TOKEN = "outbound-calls-token"
 API_KEY, API_SECRET = "SK" + "7" * 32, "api-secret"
-PERSON, MACHINE = "+15557650001", "+15557650002"
+PERSON, MACHINE, BUSY = "+15557650001", "+15557650002", "+15557650003"
 
 
 @pytest.fixture(scope="module")
@@ -44,17 +45,22 @@ def server(
     gemini: GeminiLiveService, twilio: TwilioRestService, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[RunningServer]:
     with running_server(
-        tmp_path_factory.mktemp("outbound"),
-        agent="",
-        twilio_auth_token=AUTH_TOKEN,
-        twilio_account_sid=ACCOUNT_SID,
-        twilio_api_key=API_KEY,
-        twilio_api_secret=API_SECRET,
-        caller_id=FROM_NUMBER,
-        calls_token=TOKEN + "-0123456789",
-        rest_api_url=twilio.base_url,
+        tmp_path_factory.mktemp("outbound"), agent="", **_outbound(twilio)
     ) as running:
         yield running
+
+
+def _outbound(twilio: TwilioRestService) -> dict[str, object]:
+    """Settings for placing calls through the stand-in."""
+    return {
+        "twilio_auth_token": AUTH_TOKEN,
+        "twilio_account_sid": ACCOUNT_SID,
+        "twilio_api_key": API_KEY,
+        "twilio_api_secret": API_SECRET,
+        "caller_id": FROM_NUMBER,
+        "calls_token": TOKEN + "-0123456789",
+        "rest_api_url": twilio.base_url,
+    }
 
 
 def _calls(server: RunningServer, to: str) -> urllib.request.Request:
@@ -144,3 +150,19 @@ def test_twilio_refusing_the_call_comes_back_with_its_code(
     assert refused.value.code == 502
     error = json.loads(refused.value.read())["error"]
     assert error.startswith(f"Twilio refused the call (HTTP {status}, error {code})")
+
+
+async def test_outbound_calls_beyond_the_limit_are_refused_until_one_is_over(
+    twilio: TwilioRestService, tmp_path: Path
+) -> None:
+    """One at a time: while the first rings, a second is refused (429); once Twilio reports
+    the first over (busy), the next goes through."""
+    twilio.far_ends[BUSY] = FarEnd("busy", ring_s=1.0)
+    with running_server(tmp_path, max_outbound_calls=1, **_outbound(twilio)) as server:
+        call = twilio.calls[_place(server, BUSY)]
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(_calls(server, PERSON), timeout=10)
+        assert refused.value.code == 429
+        await twilio.wait_for(lambda: call.settled, 10)
+        assert call.status == "busy"
+        _place(server, BUSY)

@@ -45,6 +45,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 STREAM_PATH = "/stream"
+OUTBOUND_SLACK_S = 300.0
+"""Beyond the call time limit, how long an outbound call counts without Twilio saying it is
+over (ringing, a lost callback)."""
 STATUS_PATH = "/status"
 """Where Twilio posts call and stream status callbacks."""
 AMD_PATH = "/answered-by"
@@ -299,6 +302,7 @@ def create_app(settings: Settings, spec: AgentSpec | None = None) -> Quart:
             sid = await place_outbound(settings, public_base(), to, from_)
         finally:
             calls.placing -= 1
+        calls.placed(sid, forget_after_s=(settings.max_call_s or 4 * 3600) + OUTBOUND_SLACK_S)
         log.info("call %s: placed to %s", sid, shown(to))
         return sid
 

@@ -19,6 +19,8 @@ __all__ = ["CallRegistry"]
 
 log = logging.getLogger(__name__)
 
+FINAL_STATUSES = frozenset({"completed", "busy", "no-answer", "failed", "canceled"})
+"""Twilio's call statuses that say a call is over."""
 HANDOVER_KEEP_S = 60.0
 """How long an ended call's handover waits for Twilio to ask for it (`take_handover`)."""
 
@@ -45,6 +47,9 @@ class CallRegistry:
         """Handovers of calls that ended, until Twilio asks what to do next."""
         self.placing = 0
         """Outbound calls being created (Twilio's REST API has not answered yet)."""
+        self._outbound: dict[str, asyncio.TimerHandle] = {}
+        """Outbound calls Twilio has created and not reported over, each with the timer that
+        forgets it should that report never come."""
 
     def __len__(self) -> int:
         return len(self._calls)
@@ -93,16 +98,26 @@ class CallRegistry:
 
     @property
     def outbound(self) -> int:
-        """Outbound calls being placed or in progress."""
-        return self.placing + sum(
-            call.info.direction.startswith("outbound") for call in self._calls.values()
-        )
+        """Outbound calls being placed, ringing or in progress."""
+        return self.placing + len(self._outbound)
+
+    def placed(self, call_sid: str, forget_after_s: float) -> None:
+        """Twilio created an outbound call: it counts until Twilio reports it over (or, should
+        that report be lost, for `forget_after_s`)."""
+        timer = asyncio.get_running_loop().call_later(forget_after_s, self._over, call_sid)
+        self._outbound[call_sid] = timer
 
     def status(self, call_sid: str, status: str) -> None:
         """A status callback from Twilio (call progress or the media stream's)."""
         log.info("call %s: Twilio reports %s", call_sid, status)
         if (call := self._calls.get(call_sid)) is not None:
             call.statuses.append(status)
+        if status.split()[0] in FINAL_STATUSES:
+            self._over(call_sid)
+
+    def _over(self, call_sid: str) -> None:
+        if (timer := self._outbound.pop(call_sid, None)) is not None:
+            timer.cancel()
 
     def take_handover(self, call_sid: str) -> Handover | None:
         """What Twilio should do with a call whose stream we let go (None: hang up)."""
