@@ -207,14 +207,18 @@ def _call(args: argparse.Namespace) -> int:
         print(f"telephony: {exc}", file=sys.stderr)
         return 2
     try:
-        sid = asyncio.run(
-            place_outbound(settings, settings.public_url.rstrip("/"), args.to, args.from_)
-        )
+        sid = asyncio.run(place_outbound(settings, _origin(settings), args.to, args.from_))
     except OutboundError as exc:
         print(f"telephony: {exc}", file=sys.stderr)
         return 1
     print(sid)
     return 0
+
+
+def _origin(settings: Settings) -> str:
+    """The server the call comes to: the instance's own URL when several share the public one
+    (the call's callbacks and stream all go to the instance that knows of it)."""
+    return (settings.stream_url or settings.public_url).rstrip("/")
 
 
 def _simulate(args: argparse.Namespace) -> int:

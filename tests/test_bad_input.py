@@ -21,7 +21,7 @@ from telephony.testing.simulator import place_call
 from telephony.twilio.media_stream import Media, Start, Stop
 
 from .audio_tools import best_correlation, fixture, pcm
-from .server import RunningServer, running_server
+from .server import RunningServer, running_server, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -202,3 +202,20 @@ async def test_a_failed_write_to_twilio_ends_the_call_without_raising() -> None:
     await send("{}")
     await send("{}")  # a dead socket is not written to again
     assert call.reason == "Twilio socket failed"
+
+
+async def test_a_stream_for_a_call_that_ended_here_is_closed_not_restarted(
+    server: RunningServer,
+) -> None:
+    """A call over (e.g. it ended while Twilio pressed keys for it) must not start afresh,
+    with a new live session and a second greeting, when a stream for it arrives."""
+    sid = "CA" + "9" * 32
+    async with connect(_ws(server)) as ws:
+        await ws.send(_start(sid))
+        await ws.send(Stop(2, "MZ" + sid[2:], "AC1", sid).to_json())
+        assert await _closed_by_server(ws)
+    await wait_until(lambda: server.calls.get(sid) is None, 5, "the call to be over")
+    async with connect(_ws(server)) as ws:
+        await ws.send(_start(sid))
+        assert await _closed_by_server(ws)
+    assert server.calls.get(sid) is None

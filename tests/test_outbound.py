@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from telephony.testing.simulator import place_call
 from telephony.twilio.signatures import SignatureChecker
 
-from .server import RunningServer, free_port, running_server
+from .server import RunningServer, free_port, running_server, wait_until
 
 TOKEN = "calls-token-0123456789"
 ACCOUNT = "AC" + "0" * 32
@@ -129,3 +130,16 @@ def test_status_callbacks_are_signature_checked_and_logged(
                 status = exc.code
             assert status == expected
     assert "call CA9: Twilio reports completed after 42 s" in caplog.text
+
+
+async def test_twilio_reporting_a_call_over_ends_it_here(tmp_path: Path) -> None:
+    """The caller hung up while no stream carried the call (Twilio playing keys, say): the
+    live session is not kept open for nobody."""
+    with running_server(tmp_path) as server:
+        async with place_call(server.base_url, call_sid="CA" + "4" * 32) as sim:
+            await wait_until(lambda: server.calls.get(sim.call_sid) is not None, 5, "the call")
+            form = urllib.parse.urlencode({"CallSid": sim.call_sid, "CallStatus": "completed"})
+            request = urllib.request.Request(server.base_url + "/status", data=form.encode())
+            with urllib.request.urlopen(request, timeout=5) as response:
+                assert response.status == 204
+            await wait_until(lambda: server.calls.get(sim.call_sid) is None, 5, "the call to end")

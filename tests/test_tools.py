@@ -8,9 +8,22 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from google.adk.agents.run_config import RunConfig
+from google.adk.runners import Runner
+from google.adk.sessions import InMemorySessionService
 
-from telephony.call.tools import PhoneToolset, end_call, register, send_dtmf, transfer_call
+from telephony.agents.echo import echo_app
+from telephony.call import Call, CallInfo, CallOptions, Handover
+from telephony.call.tools import (
+    PhoneToolset,
+    end_call,
+    register,
+    send_dtmf,
+    transfer_call,
+    unregister,
+)
 from telephony.settings import Settings, SettingsError
+from telephony.testing.virtual_clock import run_virtual
 from telephony.twilio.targets import AllowList, TargetError, key_digits, transfer_target
 
 
@@ -52,14 +65,17 @@ def _on(call_sid: str) -> Any:
 def test_the_tools_are_offered_on_phone_calls_only() -> None:
     assert _tools({}) == []  # `adk web`: no call to act on
     assert _tools({"telephony_call_sid": "CA1"}) == []  # not (or no longer) on this process
-    register("CA1", FakeCall())
-    register("CA2", FakeCall(allow="+15557654321"))
+    one, two = FakeCall(), FakeCall(allow="+15557654321")
+    register("CA1", one)
+    register("CA2", two)
     try:
         assert _tools({"telephony_call_sid": "CA1"}) == ["end_call", "send_dtmf"]
         assert _tools({"telephony_call_sid": "CA2"}) == ["end_call", "send_dtmf", "transfer_call"]
+        unregister("CA2", FakeCall())  # an older call under the same SID: not this one
+        assert _tools({"telephony_call_sid": "CA2"}) != []
     finally:
-        register("CA1", None)
-        register("CA2", None)
+        unregister("CA1", one)
+        unregister("CA2", two)
 
 
 def test_each_tool_acts_on_its_own_call_or_says_why_it_cannot() -> None:
@@ -76,7 +92,7 @@ def test_each_tool_acts_on_its_own_call_or_says_why_it_cannot() -> None:
         assert asyncio.run(send_dtmf("1w2#", _on("CA1"))) == "Sent the tones 1w2#."
         assert "0-9, * and #" in asyncio.run(send_dtmf("12ab", _on("CA1")))
     finally:
-        register("CA1", None)
+        unregister("CA1", call)
     assert call.done == ["end", "+15557654321", "1w2#"]
 
 
@@ -119,3 +135,24 @@ def test_transfer_settings_are_checked_at_start_up() -> None:
         )
     with pytest.raises(SettingsError, match="prefix"):
         Settings.from_env({"TELEPHONY_TRANSFER_ALLOW": "+1800**"})
+
+
+def test_one_handover_at_a_time_and_none_while_keys_are_pressed() -> None:
+    async def main() -> list[str]:
+        runner = Runner(app=echo_app(), session_service=InMemorySessionService())
+        options = CallOptions(transfer_allow=AllowList.parse("+1555*"))
+        call = Call(
+            CallInfo("CA1", "+1", "+2"), runner=runner, run_config=RunConfig(), options=options
+        )
+        refusals = []
+        call.transfer("+15557654321")
+        call.end_after_reply()  # "goodbye", after asking for the transfer: it still happens
+        for act in (lambda: call.press_keys("1"), lambda: call.transfer("+15550000000")):
+            with pytest.raises(TargetError) as refused:
+                act()
+            refusals.append(str(refused.value))
+        call._leave()  # the handover line was heard
+        assert call.handover == Handover(transfer_to="+15557654321", caller_id="+2")
+        return refusals
+
+    assert run_virtual(main()) == ["a transfer or key press is already under way"] * 2

@@ -157,7 +157,9 @@ def test_only_model_output_answers_the_stall_watch() -> None:
 def test_after_a_restart_cut_a_reply_off_the_new_answer_replaces_its_rest() -> None:
     turns = _talking(TurnState(stall_s=15))
     turns.handle(SESSION_RESTARTED)
-    assert turns.handle(ModelOutput(5.0)) == (Interrupt("a reconnect cut the reply off"),)
+    assert turns.handle(ModelOutput(5.0)) == (
+        Interrupt("a reconnect cut the reply off", by_caller=False),
+    )
     assert turns.handle(ModelOutput(5.1)) == ()
     assert turns.handle(AGENT_AUDIO) == (PLAY,)
 
@@ -218,10 +220,27 @@ def test_a_caller_who_speaks_again_is_not_idle() -> None:
 
 
 def test_the_time_limit_asks_the_model_to_wrap_up_then_ends_with_the_goodbye() -> None:
+    """A minute before the limit, at a moment nobody speaks; the goodbye at the limit."""
     turns = TurnState(stall_s=15.0, started_at=100.0, max_call_s=600.0)
-    assert turns.handle(Tick(639.0, playing=True)) == ()
-    assert turns.handle(Tick(640.0, playing=True)) == (Prompt(WRAP_UP_PROMPT),)
-    assert turns.handle(Tick(650.0, playing=True)) == ()
+    assert turns.handle(Tick(639.0)) == ()
+    assert turns.handle(Tick(640.0, playing=True)) == ()  # it would cut the agent off
+    assert turns.handle(Tick(641.0)) == (Prompt(WRAP_UP_PROMPT),)
+    assert turns.handle(Tick(650.0)) == ()
     assert turns.handle(Tick(700.0, playing=True)) == (Goodbye("the call reached its time limit"),)
     turns.handle(CLOSING)
     assert turns.handle(Tick(701.0)) == ()  # the goodbye is playing: nothing more
+
+
+def test_end_call_on_a_2_5_model_waits_for_the_goodbye_after_the_tool_result() -> None:
+    """ADK runs a 2.5 model's tool just before that turn's turn_complete: that turn end says
+    nothing about the goodbye, which comes in the next turn."""
+    turns = TurnState(stall_s=15.0)
+    turns.handle(ModelOutput(9.9))  # the tool call
+    turns.handle(HangUpRequested(10.0))
+    turns.handle(MODEL_TURN_COMPLETE)
+    assert turns.handle(Tick(10.3)) == ()  # the goodbye has not even started
+    turns.handle(ModelOutput(10.5))
+    turns.handle(AGENT_AUDIO)
+    turns.handle(MODEL_TURN_COMPLETE)
+    assert turns.handle(Tick(11.0, playing=True)) == ()
+    assert turns.handle(Tick(12.5)) == (HANG_UP,)

@@ -37,7 +37,7 @@ from .logs import CallLogger
 from .playback import Player, UnknownMark
 from .recording import CallRecorder
 from .supervisor import CallerAudioQueue, LiveSupervisor, ModelStalled
-from .tools import register
+from .tools import register, unregister
 from .turns import (
     AGENT_AUDIO,
     CLOSING,
@@ -78,17 +78,11 @@ ATTACH_WAIT_S = 5.0
 """Last words for a call whose stream is not open yet wait this long for it."""
 LAST_WORDS_MARGIN_S = 2.0
 """Beyond its own length, how long a closing message may take to play before we hang up."""
-ANSWERED_BY = {
-    "human": ("(A person answered the phone.)", False),
-    "machine": (
-        "(An answering machine took the call and its beep has sounded: leave your message "
-        "now, in a few sentences, then call end_call.)",
-        True,
-    ),
-    "unknown": ("(It is not known whether a person or a machine answered.)", False),
-}
-"""What the model is told of Twilio's `AnsweredBy` (human, machine_end_beep, ...), and whether
-it should speak at once."""
+MACHINE_ANSWERED = (
+    "(An answering machine took the call and its beep has sounded: leave your message now, "
+    "in a few sentences, then call end_call.)"
+)
+"""The turn the model gets when Twilio's answering machine detection reports a machine."""
 STREAM_RETURN_S = 60.0
 """A call that let its stream go for Twilio to press keys ends if no new stream comes by then
 (64 keys with pauses take well under it)."""
@@ -154,6 +148,8 @@ class Handover:
     stream for the same call."""
 
     transfer_to: str = ""
+    caller_id: str = ""
+    """The transfer's caller ID (empty: Twilio's default, the caller's number)."""
     digits: str = ""
 
 
@@ -185,6 +181,8 @@ class CallOptions:
     one more means the service keeps dropping us: the caller hears an apology and the call ends."""
     transfer_allow: AllowList = field(default_factory=lambda: AllowList([]))
     """Where the agent's `transfer_call` may send the caller (empty: nowhere)."""
+    caller_id: str = ""
+    """The number transfers (and outbound calls) come from, when set."""
     max_call_s: float = 0.0
     """The call's time limit: the model is asked to wrap up a minute before, then the caller
     hears the recorded goodbye (0: none)."""
@@ -249,8 +247,6 @@ class Call:
         self.handover: Handover | None = None
         """What the stream's `<Connect action>` is to do now that the call let it go."""
         self._return_timer: asyncio.TimerHandle | None = None
-        self.statuses: list[str] = []
-        """What Twilio's status callbacks said of the call, in order."""
         self.done = asyncio.Event()
         """Set once the call is over, whoever ended it; the socket handler then hangs up."""
         self.end_reason = ""
@@ -403,7 +399,8 @@ class Call:
                 if await self.player.clear():
                     self.barge_ins += 1
                     self._log("barge-in (%s): cleared playback", action.source)
-                    if (reply := self._reply) is not None and reply.heard_to is None:
+                    reply = self._reply
+                    if action.by_caller and reply is not None and reply.heard_to is None:
                         reply.heard_to = self.player.heard_to
                         self._tell_what_was_heard()
             elif isinstance(action, RestartModel):
@@ -561,14 +558,17 @@ class Call:
         self._log("answered by %s", who)
         if who == "fax":
             self.end("a fax machine answered")
-            return
-        text, reply = ANSWERED_BY.get(who.split("_")[0], ANSWERED_BY["unknown"])
-        self.live.tell(text, state={"telephony_answered_by": who}, reply=reply)
+        elif who.startswith("machine"):
+            self.live.tell(MACHINE_ANSWERED, state={"telephony_answered_by": who})
+        else:  # a person is talking with the agent already: nothing to interrupt them with
+            self.live.update_state({"telephony_answered_by": who})
 
     def end_after_reply(self) -> None:
-        """The agent's `end_call`: the call ends once its goodbye has been heard."""
+        """The agent's `end_call`: the call ends once its goodbye has been heard (a transfer
+        or keys asked for already go ahead: the call ends with them)."""
         self._log("the agent ends the call once its goodbye is heard")
-        self._after_reply(Handover())
+        if self._leaving is None:
+            self._after_reply(Handover())
 
     def transfer(self, target: str) -> str:
         """The agent's `transfer_call`: once its handover line is heard, Twilio connects the
@@ -576,8 +576,9 @@ class Call:
         checked = transfer_target(target)
         if not self._options.transfer_allow.allows(checked):
             raise TargetError(f"transfers to {target} are not allowed")
+        self._check_free()
         self._log("the agent transfers the caller to %s", self._log.number(checked))
-        self._after_reply(Handover(transfer_to=checked))
+        self._after_reply(Handover(transfer_to=checked, caller_id=self._caller_id()))
         return checked
 
     def press_keys(self, digits: str) -> str:
@@ -585,9 +586,25 @@ class Call:
         plays the tones (tones written into a bidirectional stream are reported not to
         pass), and a new stream carries on this call. Raises `TargetError` for bad keys."""
         checked = key_digits(digits)
+        self._check_free()
         self._log("the agent presses %s", self._log.keys(checked))
         self._after_reply(Handover(digits=checked))
         return checked
+
+    def _check_free(self) -> None:
+        """One handover at a time: keys being pressed, or a transfer or keys already asked
+        for, come first."""
+        if self.stream_released:
+            raise TargetError("the keys are still being pressed; try again in a moment")
+        if self._leaving is not None:
+            raise TargetError("a transfer or key press is already under way")
+
+    def _caller_id(self) -> str:
+        """Who a transfer is from: the configured caller ID, else the number the caller
+        dialled (a SIP caller's own address is no caller ID for a phone number)."""
+        if self._options.caller_id:
+            return self._options.caller_id
+        return self.info.callee if self.info.callee.startswith("+") else ""
 
     def _after_reply(self, handover: Handover) -> None:
         self._leaving = handover
@@ -604,6 +621,8 @@ class Call:
         elif self._stream is not None:
             self.player.detach()
             self._stream.set()
+            if self._return_timer is not None:
+                self._return_timer.cancel()
             self._return_timer = asyncio.get_running_loop().call_later(
                 STREAM_RETURN_S, self.end, "no media stream after the keys were pressed"
             )
@@ -622,7 +641,7 @@ class Call:
         await asyncio.shield(self._closing)
 
     async def _shutdown(self) -> None:
-        register(self.info.call_sid, None)
+        unregister(self.info.call_sid, self)
         if self._return_timer is not None:
             self._return_timer.cancel()
         self.live.close()

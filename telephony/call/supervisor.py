@@ -323,11 +323,15 @@ class LiveSupervisor:
         content = types.Content(role="user", parts=[types.Part(text=text)])
         self.queue.send_note(LiveRequest(content=content, partial=True), record)
 
-    def tell(self, text: str, *, state: dict[str, Any], reply: bool) -> None:
-        """Tells the model a fact of the call and puts it in the session state (ADK stores
-        both); `reply`: the model should speak now (else a partial turn it does not answer)."""
+    def tell(self, text: str, *, state: dict[str, Any]) -> None:
+        """A turn the model answers, with a change to the session state (ADK stores both)."""
         content = types.Content(role="user", parts=[types.Part(text=text)])
-        self.queue.send(LiveRequest(content=content, partial=not reply, state_delta=state))
+        self.queue.send(LiveRequest(content=content, state_delta=state))
+
+    def update_state(self, state: dict[str, Any]) -> None:
+        """Changes the session state (ADK stores it as an event of its own); the model is
+        told nothing."""
+        self.queue.send(LiveRequest(state_delta=state))
 
     def restart(self, reason: str) -> None:
         """Abandons the running live session (it is stuck) for a new one."""

@@ -20,7 +20,15 @@ from google.adk.tools.base_toolset import BaseToolset
 
 from ..twilio.targets import TargetError
 
-__all__ = ["CallControl", "PhoneToolset", "end_call", "register", "send_dtmf", "transfer_call"]
+__all__ = [
+    "CallControl",
+    "PhoneToolset",
+    "end_call",
+    "register",
+    "send_dtmf",
+    "transfer_call",
+    "unregister",
+]
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +51,15 @@ _calls: dict[str, CallControl] = {}
 """The calls this process serves, by call SID (= ADK session id)."""
 
 
-def register(call_sid: str, call: CallControl | None) -> None:
-    """A call makes itself known to its tools when it starts (None: it ended)."""
-    if call is None:
-        _calls.pop(call_sid, None)
-    else:
-        _calls[call_sid] = call
+def register(call_sid: str, call: CallControl) -> None:
+    """A call makes itself known to its tools when it starts."""
+    _calls[call_sid] = call
+
+
+def unregister(call_sid: str, call: CallControl) -> None:
+    """The call ended (a newer call under the same SID keeps its tools)."""
+    if _calls.get(call_sid) is call:
+        del _calls[call_sid]
 
 
 async def end_call(tool_context: ToolContext) -> str:

@@ -173,6 +173,9 @@ class Interrupt:
     """The caller has the floor: clear Twilio's buffer and drop the rest of the agent's turn."""
 
     source: str
+    by_caller: bool = True
+    """The caller cut the reply off (else a reconnect did: the model is not to be told the
+    caller interrupted it)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -303,7 +306,7 @@ class TurnState:
                 self.awaiting_reply_since = None
                 if self._cut_off:
                     self._cut_off = False
-                    return (Interrupt("a reconnect cut the reply off"),)
+                    return (Interrupt("a reconnect cut the reply off", by_caller=False),)
             case CallerSpeechStarted(agent_audible=audible):
                 self._caller_speaking, self._idle_prompted, self._quiet_since = True, False, None
                 self.awaiting_reply_since = None  # they talk again: the wait starts at its end
@@ -358,24 +361,25 @@ class TurnState:
         through the model first)."""
         if self.closing:
             return None
-        if self.max_call_s:
-            elapsed = now - self.started_at
-            if elapsed >= self.max_call_s:
-                return Goodbye("the call reached its time limit")
-            if not self._wrapped_up and elapsed >= self.max_call_s - min(
-                WRAP_UP_S, self.max_call_s / 4
-            ):
-                self._wrapped_up = True
-                return Prompt(WRAP_UP_PROMPT)
-        if not self.caller_idle_s:
-            return None
-        if (
+        busy = (
             playing
             or self.generating
             or self._caller_speaking
             or self.awaiting_reply_since is not None
             or self.hang_up_at is not None
-        ):
+        )
+        if self.max_call_s:
+            elapsed = now - self.started_at
+            if elapsed >= self.max_call_s:
+                return Goodbye("the call reached its time limit")
+            wrap_up_at = self.max_call_s - min(WRAP_UP_S, self.max_call_s / 4)
+            if not self._wrapped_up and not busy and elapsed >= wrap_up_at:
+                # a text turn cuts off whoever speaks: wait for a moment nobody does
+                self._wrapped_up = True
+                return Prompt(WRAP_UP_PROMPT)
+        if not self.caller_idle_s:
+            return None
+        if busy:
             self._quiet_since = None
             return None
         if self._quiet_since is None:
@@ -406,6 +410,10 @@ class TurnState:
         return (Interrupt(source),)
 
     def _end_turn(self) -> None:
-        self._said_since_hang_up = self.hang_up_at is not None
+        # On 2.5 models the tool runs just before the turn_complete of its own tool call: only
+        # output after the request makes a turn end the goodbye.
+        self._said_since_hang_up = (
+            self.hang_up_at is not None and self._last_output > self.hang_up_at
+        )
         self.generating = False
         self.discarding = False

@@ -104,6 +104,7 @@ def create_app(settings: Settings, spec: AgentSpec | None = None) -> Quart:
         model_connections_per_minute=settings.model_connections_per_minute,
         mask_callers=settings.mask_callers,
         transfer_allow=settings.transfers(),
+        caller_id=settings.caller_id,
         max_call_s=settings.max_call_s,
         caller_idle_s=settings.caller_idle_s,
     )
@@ -168,23 +169,27 @@ def create_app(settings: Settings, spec: AgentSpec | None = None) -> Quart:
         )
         return Response(text, content_type="text/plain; version=0.0.4")
 
-    async def signed_form(base: str) -> dict[str, str] | tuple[str, int]:
-        """A Twilio request's form, once its signature (against `base`) and CallSid are
-        checked; else the refusal to send back."""
+    async def signed_form() -> dict[str, str] | tuple[str, int]:
+        """A Twilio request's form, once its signature and CallSid are checked; else the
+        refusal to send back. Twilio signs the URL it was given: the shared public one, or
+        (outbound calls, the `<Connect action>`) this instance's own."""
         form = (await request.form).to_dict()
-        signatures = checker(base)
-        if signatures is not None:
-            reason = signatures.check_webhook(
+        base = public_base()
+        checkers = [c for b in dict.fromkeys((base, stream_base(base))) if (c := checker(b))]
+        reasons = [
+            c.check_webhook(
                 request.path,
                 request.query_string.decode(),
                 form,
                 request.headers.get("X-Twilio-Signature"),
             )
-            if reason:
-                log.warning(
-                    "%s for %s rejected (403): %s", request.path, form.get("CallSid", "?"), reason
-                )
-                return "invalid Twilio signature\n", 403
+            for c in checkers
+        ]
+        if checkers and all(reasons):
+            log.warning(
+                "%s for %s rejected (403): %s", request.path, form.get("CallSid", "?"), reasons[0]
+            )
+            return "invalid Twilio signature\n", 403
         if not form.get("CallSid"):
             log.warning("%s rejected (400): no CallSid in the form", request.path)
             return "missing CallSid\n", 400
@@ -206,7 +211,7 @@ def create_app(settings: Settings, spec: AgentSpec | None = None) -> Quart:
     @app.post("/voice")
     async def voice() -> Response | tuple[str, int]:
         base = public_base()
-        form = await signed_form(base)
+        form = await signed_form()
         if isinstance(form, tuple):
             return form
         call_sid = form["CallSid"]
@@ -228,14 +233,15 @@ def create_app(settings: Settings, spec: AgentSpec | None = None) -> Quart:
         """Twilio asks what next once a call's stream has ended: connect the caller to where
         the agent transferred them, press keys and stream again, or hang up."""
         base = public_base()
-        form = await signed_form(stream_base(base))
+        form = await signed_form()
         if isinstance(form, tuple):
             return form
         call_sid = form["CallSid"]
         handover = calls.take_handover(call_sid)
         if handover is not None and handover.transfer_to:
             log.info("call %s: connecting the caller to the transfer target", call_sid)
-            return Response(dial(handover.transfer_to), content_type="text/xml")
+            twiml = dial(handover.transfer_to, handover.caller_id)
+            return Response(twiml, content_type="text/xml")
         call = calls.get(call_sid)
         if handover is not None and handover.digits and call is not None:
             log.info("call %s: Twilio plays the keys, then a new stream", call_sid)
@@ -247,7 +253,7 @@ def create_app(settings: Settings, spec: AgentSpec | None = None) -> Quart:
     async def status() -> tuple[str, int]:
         """Twilio's status callbacks: call progress (`CallStatus`) and the stream's
         (`StreamEvent`: stream-started, stream-stopped, stream-error)."""
-        form = await signed_form(public_base())
+        form = await signed_form()
         if isinstance(form, tuple):
             return form
         event = form.get("StreamEvent") or form.get("CallStatus") or "an unknown status"
@@ -261,7 +267,7 @@ def create_app(settings: Settings, spec: AgentSpec | None = None) -> Quart:
     @app.post(AMD_PATH)
     async def answered_by() -> tuple[str, int]:
         """Twilio's asynchronous answering machine detection: who took an outbound call."""
-        form = await signed_form(public_base())
+        form = await signed_form()
         if isinstance(form, tuple):
             return form
         who = form.get("AnsweredBy", "unknown")
@@ -272,15 +278,23 @@ def create_app(settings: Settings, spec: AgentSpec | None = None) -> Quart:
         return "", 204
 
     @app.post("/calls")
-    async def place_call() -> tuple[dict[str, str], int]:
+    async def place_call() -> (
+        tuple[dict[str, str], int] | tuple[dict[str, str], int, dict[str, str]]
+    ):
         """Places an outbound call: `{"to": "+1...", "from": "+1..."}` (from: optional) with
         `Authorization: Bearer TELEPHONY_CALLS_TOKEN`."""
         if not settings.calls_token:
             return {"error": "outbound calls are off: set TELEPHONY_CALLS_TOKEN"}, 403
-        given = request.headers.get("Authorization", "").removeprefix("Bearer ")
-        if not hmac.compare_digest(given.encode(), settings.calls_token.encode()):
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            given.strip().encode(), settings.calls_token.encode()
+        ):
             log.warning("POST /calls rejected (401): bad or missing bearer token")
-            return {"error": "a valid bearer token is required"}, 401
+            challenge = {"WWW-Authenticate": "Bearer"}
+            return {"error": "a valid bearer token is required"}, 401, challenge
+        if (reason := refusal(asyncio.get_running_loop().time())) is not None:
+            log.warning("POST /calls refused (503): %s", reason)
+            return {"error": f"not placing calls now: {reason}"}, 503
         body = await request.get_json(force=True, silent=True)
         if not isinstance(body, dict) or not isinstance(body.get("to"), str):
             return {"error": 'the body must be JSON like {"to": "+15551234567"}'}, 400
@@ -299,7 +313,8 @@ def create_app(settings: Settings, spec: AgentSpec | None = None) -> Quart:
             )
         calls.placing += 1
         try:
-            sid = await place_outbound(settings, public_base(), to, from_)
+            # the call, its callbacks and its stream all come back to this instance
+            sid = await place_outbound(settings, stream_base(public_base()), to, from_)
         finally:
             calls.placing -= 1
         calls.placed(sid, forget_after_s=(settings.max_call_s or 4 * 3600) + OUTBOUND_SLACK_S)
@@ -378,6 +393,8 @@ async def serve_stream(calls: CallRegistry) -> None:
         # before closing what it claimed.
         await asyncio.wait({reader})
         for call, replaced in claimed:
+            if call.done.is_set():
+                continue  # the registry closes it; Twilio need not wait (a transfer's <Dial>)
             if not replaced.is_set():
                 await call.close("media stream closed")
 
@@ -435,6 +452,11 @@ async def _read_stream(
                 call = calls.claim(
                     CallInfo.from_parameters(event.call_sid, event.custom_parameters)
                 )
+                if call is None:
+                    log.warning(
+                        "call %s: a stream for a call that is over; closing it", event.call_sid
+                    )
+                    return
                 if connected is not None and call.recorder is not None:
                     call.recorder.twilio_in(*connected)
                 # bound here: the call's tasks run outside the websocket context

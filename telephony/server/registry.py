@@ -22,7 +22,8 @@ log = logging.getLogger(__name__)
 FINAL_STATUSES = frozenset({"completed", "busy", "no-answer", "failed", "canceled"})
 """Twilio's call statuses that say a call is over."""
 HANDOVER_KEEP_S = 60.0
-"""How long an ended call's handover waits for Twilio to ask for it (`take_handover`)."""
+"""How long an ended call's handover waits for Twilio to ask for it (`take_handover`), and
+how long a stream for it is refused."""
 
 
 class CallRegistry:
@@ -45,6 +46,8 @@ class CallRegistry:
         self._emptied = asyncio.Event()
         self._handovers: dict[str, Handover] = {}
         """Handovers of calls that ended, until Twilio asks what to do next."""
+        self._ended: dict[str, asyncio.TimerHandle] = {}
+        """Calls that ended here lately, each with the timer that forgets it."""
         self.placing = 0
         """Outbound calls being created (Twilio's REST API has not answered yet)."""
         self._outbound: dict[str, asyncio.TimerHandle] = {}
@@ -68,10 +71,13 @@ class CallRegistry:
         )
         return call
 
-    def claim(self, info: CallInfo) -> Call:
+    def claim(self, info: CallInfo) -> Call | None:
         """Called when a media stream starts: the pre-started call, or a fresh one. A second
         stream for a call that already has one replaces it (Twilio reconnected): the same call
-        goes on over it, its conversation and live session intact."""
+        goes on over it, its conversation and live session intact. None for a call that ended
+        here (e.g. while Twilio pressed keys for it): it must not start again."""
+        if info.call_sid in self._ended:
+            return None
         call = self._calls.get(info.call_sid)
         if call is not None and call.stream_released:
             log.info("call %s: a new media stream after the keys", info.call_sid)
@@ -110,10 +116,10 @@ class CallRegistry:
     def status(self, call_sid: str, status: str) -> None:
         """A status callback from Twilio (call progress or the media stream's)."""
         log.info("call %s: Twilio reports %s", call_sid, status)
-        if (call := self._calls.get(call_sid)) is not None:
-            call.statuses.append(status)
         if status.split()[0] in FINAL_STATUSES:
             self._over(call_sid)
+            if (call := self._calls.get(call_sid)) is not None:  # e.g. hung up during the keys
+                call.end(f"Twilio reports the call {status}")
 
     def _over(self, call_sid: str) -> None:
         if (timer := self._outbound.pop(call_sid, None)) is not None:
@@ -129,10 +135,12 @@ class CallRegistry:
 
     async def _reap(self, call: Call) -> None:
         await call.done.wait()
+        sid = call.info.call_sid
+        loop = asyncio.get_running_loop()
+        self._ended[sid] = loop.call_later(HANDOVER_KEEP_S, self._ended.pop, sid, None)
         if call.handover is not None:  # before the socket closes and Twilio asks for it
-            sid = call.info.call_sid
             self._handovers[sid] = call.handover
-            asyncio.get_running_loop().call_later(HANDOVER_KEEP_S, self._handovers.pop, sid, None)
+            loop.call_later(HANDOVER_KEEP_S, self._handovers.pop, sid, None)
         await call.close(call.end_reason)
         self._forget(call)
         m = self.metrics

@@ -71,15 +71,16 @@ def connect_stream(
     return str(response)
 
 
-def dial(target: str) -> str:
-    """Hands the caller over: `<Dial>` a number, or `<Dial><Sip>` a SIP URI."""
-    response = VoiceResponse()
+def dial(target: str, caller_id: str = "") -> str:
+    """Hands the caller over: `<Dial>` a number, or `<Dial><Sip>` a SIP URI; from `caller_id`
+    when given (a call from a SIP Domain has no number Twilio may show to a phone)."""
+    dialling = Dial(caller_id=caller_id) if caller_id else Dial()
     if target.startswith(("sip:", "sips:")):
-        sip = Dial()
-        sip.sip(target)
-        response.append(sip)
+        dialling.sip(target)
     else:
-        response.dial(target)
+        dialling.number(target)
+    response = VoiceResponse()
+    response.append(dialling)
     return str(response)
 
 
