@@ -81,6 +81,9 @@ class Settings:
     model_connections_per_minute: int = 6
     """Live connections a call may open within any 60 s (the first, ADK's reconnects after a
     go_away or a drop, and restarts); one more ends the call with the apology."""
+    heard_notes: bool = True
+    """After a barge-in, tell the model which words of its reply the caller heard (a partial
+    turn in the live session): off if a model answers such turns badly."""
     max_call_s: float = 3600.0
     """A call's time limit: the model is asked to wrap up a minute before, then the caller
     hears a recorded goodbye and the call ends (0: none)."""

@@ -183,6 +183,8 @@ class CallOptions:
     """Where the agent's `transfer_call` may send the caller (empty: nowhere)."""
     caller_id: str = ""
     """The number transfers (and outbound calls) come from, when set."""
+    heard_notes: bool = True
+    """Tell the model what the caller heard of a reply they cut off (see `heard`)."""
     max_call_s: float = 0.0
     """The call's time limit: the model is asked to wrap up a minute before, then the caller
     hears the recorded goodbye (0: none)."""
@@ -400,7 +402,12 @@ class Call:
                     self.barge_ins += 1
                     self._log("barge-in (%s): cleared playback", action.source)
                     reply = self._reply
-                    if action.by_caller and reply is not None and reply.heard_to is None:
+                    if (
+                        action.by_caller
+                        and self._options.heard_notes
+                        and reply is not None
+                        and reply.heard_to is None
+                    ):
                         reply.heard_to = self.player.heard_to
                         self._tell_what_was_heard()
             elif isinstance(action, RestartModel):

@@ -105,6 +105,7 @@ def create_app(settings: Settings, spec: AgentSpec | None = None) -> Quart:
         mask_callers=settings.mask_callers,
         transfer_allow=settings.transfers(),
         caller_id=settings.caller_id,
+        heard_notes=settings.heard_notes,
         max_call_s=settings.max_call_s,
         caller_idle_s=settings.caller_idle_s,
     )
