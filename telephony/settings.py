@@ -41,6 +41,10 @@ class Settings:
     caller_id: str = ""
     """The number outbound calls come from (a number of your Twilio account, or a verified
     caller ID), unless a call names its own."""
+    admin_token: str = ""
+    """Bearer token for `/metrics` and the details of `/healthz`. Empty: they are served only
+    by a local server (loopback address, no public URL); otherwise `/healthz` says just its
+    status and `/metrics` is refused."""
     calls_token: str = ""
     """Bearer token for `POST /calls`; empty: the endpoint refuses every request."""
     max_outbound_calls: int = 10
@@ -179,8 +183,15 @@ class Settings:
                 transfer_target(self.caller_id)
             except TargetError as exc:
                 raise SettingsError(f"TELEPHONY_CALLER_ID: {exc}") from None
-        if self.calls_token and len(self.calls_token) < 16:
-            raise SettingsError("TELEPHONY_CALLS_TOKEN must be at least 16 characters")
+        for name, token in (("CALLS", self.calls_token), ("ADMIN", self.admin_token)):
+            if token and len(token) < 16:
+                raise SettingsError(f"TELEPHONY_{name}_TOKEN must be at least 16 characters")
+        if not self.local and not self.twilio_auth_token and not self.insecure:
+            raise SettingsError(
+                f"TELEPHONY_HOST {self.host} is reachable from other machines but "
+                "TWILIO_AUTH_TOKEN is not set: anyone could start calls on your model's bill. "
+                "Set the token, or TELEPHONY_INSECURE=1 to accept that"
+            )
         if self.max_call_s < 0 or self.caller_idle_s < 0:
             raise SettingsError("TELEPHONY_MAX_CALL_S and TELEPHONY_CALLER_IDLE_S must be >= 0")
         if 0 < self.caller_idle_s < 5:
@@ -205,6 +216,11 @@ class Settings:
                 "TELEPHONY_LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL, "
                 f"got {self.log_level!r}"
             )
+
+    @property
+    def local(self) -> bool:
+        """Listening on a loopback address only: nobody else can reach the server directly."""
+        return self.host in ("127.0.0.1", "::1", "localhost") or self.host.startswith("127.")
 
     def transfers(self) -> AllowList:
         """Where transfers may go (raises `TargetError` for a malformed entry)."""

@@ -105,3 +105,42 @@ def test_each_instance_sends_its_streams_back_to_itself() -> None:
 
     assert run_virtual(call(own)) == ["wss://a1.voice.example.com/stream"]
     assert run_virtual(call("")) == ["wss://voice.example.com/stream"]
+
+
+def test_a_server_reachable_by_others_needs_the_twilio_token() -> None:
+    """Every unsigned POST to /voice would start a billed live session."""
+    with pytest.raises(SettingsError, match="TELEPHONY_HOST 0.0.0.0 is reachable"):
+        Settings.from_env({}, host="0.0.0.0")
+    assert Settings.from_env({"TWILIO_AUTH_TOKEN": TOKEN}, host="0.0.0.0").host == "0.0.0.0"
+    assert Settings.from_env({"TELEPHONY_INSECURE": "1"}, host="0.0.0.0").insecure
+    assert Settings.from_env({}).local  # the default listens on loopback
+
+
+def test_metrics_and_health_details_are_for_the_operator_only() -> None:
+    admin = "admin-token-0123456789"
+
+    async def fetch(settings: Settings, token: str = "") -> list[tuple[str, int, object]]:
+        app = create_app(settings)
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        async with app.test_app():
+            client = app.test_client()
+            health = await client.get("/healthz", headers=headers)
+            metrics = await client.get("/metrics", headers=headers)
+            return [
+                ("healthz", health.status_code, sorted(await health.get_json())),
+                ("metrics", metrics.status_code, metrics.headers.get("WWW-Authenticate")),
+            ]
+
+    public = {"public_url": "https://voice.example.com", "twilio_auth_token": TOKEN}
+    local = Settings(agent="echo", session_db="")
+    behind_a_proxy = Settings(agent="echo", session_db="", **public)  # e.g. ngrok to loopback
+    guarded = Settings(agent="echo", session_db="", admin_token=admin, **public)
+    assert run_virtual(fetch(local))[1][1] == 200
+    assert run_virtual(fetch(behind_a_proxy)) == [
+        ("healthz", 200, ["status"]),
+        ("metrics", 401, "Bearer"),
+    ]
+    assert run_virtual(fetch(guarded, "wrong")) == run_virtual(fetch(behind_a_proxy))
+    [health, metrics] = run_virtual(fetch(guarded, admin))
+    assert health[1] == 200 and "active_calls" in health[2]  # type: ignore[operator]
+    assert metrics[1] == 200

@@ -134,6 +134,19 @@ def create_app(settings: Settings, spec: AgentSpec | None = None) -> Quart:
 
     shown = mask_number if settings.mask_callers else str
 
+    def admin() -> bool:
+        """The request may see how the server is doing: it carries `TELEPHONY_ADMIN_TOKEN`,
+        or, with none set, the server is a local one (nobody else reaches it)."""
+        if not settings.admin_token:
+            return settings.local and not settings.public_url
+        return bearer(settings.admin_token)
+
+    def bearer(token: str) -> bool:
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(
+            given.strip().encode(), token.encode()
+        )
+
     def public_base() -> str:
         return settings.public_url.rstrip("/") or f"{request.scheme}://{request.host}"
 
@@ -148,8 +161,11 @@ def create_app(settings: Settings, spec: AgentSpec | None = None) -> Quart:
 
     @app.get("/healthz")
     async def healthz() -> tuple[dict[str, object], int]:
-        """503 while draining, so a load balancer sends new calls to other instances."""
+        """503 while draining, so a load balancer sends new calls to other instances; the
+        details only for those allowed to see them (`admin`)."""
         status = "draining" if calls.draining else "ok"
+        if not admin():
+            return {"status": status}, 503 if calls.draining else 200
         body = {
             "status": status,
             "active_calls": len(calls),
@@ -163,7 +179,9 @@ def create_app(settings: Settings, spec: AgentSpec | None = None) -> Quart:
         return body, 503 if calls.draining else 200
 
     @app.get("/metrics")
-    async def metrics() -> Response:
+    async def metrics() -> Response | tuple[str, int, dict[str, str]]:
+        if not admin():
+            return "a valid bearer token is required\n", 401, {"WWW-Authenticate": "Bearer"}
         lost = sessions.write_errors if isinstance(sessions, PersistentSqliteSessionService) else 0
         text = calls.metrics.render(
             active_calls=len(calls), loop_lag_ms=load.lag_ms, loop_busy=load.busy, events_lost=lost
@@ -286,10 +304,7 @@ def create_app(settings: Settings, spec: AgentSpec | None = None) -> Quart:
         `Authorization: Bearer TELEPHONY_CALLS_TOKEN`."""
         if not settings.calls_token:
             return {"error": "outbound calls are off: set TELEPHONY_CALLS_TOKEN"}, 403
-        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            given.strip().encode(), settings.calls_token.encode()
-        ):
+        if not bearer(settings.calls_token):
             log.warning("POST /calls rejected (401): bad or missing bearer token")
             challenge = {"WWW-Authenticate": "Bearer"}
             return {"error": "a valid bearer token is required"}, 401, challenge
