@@ -182,6 +182,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if settings.log_format == "json":
+        from .server.jsonlog import JsonFormatter
+
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(JsonFormatter())
     from .server.app import create_app
 
     try:
@@ -251,6 +256,10 @@ async def _serve(app: Quart, settings: Settings, hypercorn_config: str | None) -
     config.bind = [f"{settings.host}:{settings.port}"]
     if not hypercorn_config:
         config.accesslog = None
+    if settings.log_format == "json":  # hypercorn's lines through our handlers, as JSON too
+        config.errorlog = logging.getLogger("hypercorn.error")
+        if config.accesslog is not None:
+            config.accesslog = logging.getLogger("hypercorn.access")
     stop = asyncio.Event()
     draining: list[asyncio.Task[None]] = []
 

@@ -121,6 +121,8 @@ class Settings:
     stream_connect_timeout_s: float = 30.0
     """A call answered by the webhook whose media stream never arrives is dropped after this."""
     log_level: str = "INFO"
+    log_format: str = "text"
+    """`text` (a line a person reads) or `json` (an object per line, with `call_sid`)."""
     mask_callers: bool = False
     """Logs show phone numbers as +*******1234, and no DTMF digits or transcripts."""
     insecure: bool = False
@@ -211,6 +213,10 @@ class Settings:
             ) from None
         if self.transfer_to and not transfers.allows(transfer_target(self.transfer_to)):
             raise SettingsError("TELEPHONY_TRANSFER_TO is not in TELEPHONY_TRANSFER_ALLOW")
+        if self.log_format not in ("text", "json"):
+            raise SettingsError(
+                f"TELEPHONY_LOG_FORMAT must be text or json, got {self.log_format!r}"
+            )
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             raise SettingsError(
                 "TELEPHONY_LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL, "
