@@ -228,6 +228,19 @@ def speak(h: Harness) -> None:
         h.supervisor.send_caller_audio(frame)
 
 
+def resent(h: Harness, send: Callable[[], None] | None = None) -> list[object]:
+    """What a new connection got once the first one went: `send` (the frames, by default)
+    goes to the first."""
+
+    async def body() -> list[object]:
+        (send or (lambda: speak(h)))()
+        _, new = await h.opened(2)
+        await asyncio.sleep(1.0)
+        return list(new.sent)
+
+    return supervised(h, body)
+
+
 @pytest.mark.parametrize("fault", ["go_away", "drop"])
 def test_a_reconnect_mid_reply_resumes_with_the_last_resumable_handle(fault: str) -> None:
     """ADK 2.13 would hold the empty handle of the non-resumable update: a fresh session."""
@@ -312,13 +325,7 @@ def test_a_new_connection_hears_again_what_went_unanswered(
 ) -> None:
     h = harness(reply_cut_off(*before_fault), owed=owed)
 
-    async def body() -> None:
-        speak(h)
-        _, new = await h.opened(2)
-        await asyncio.sleep(1.0)
-        assert new.sent == replayed
-
-    supervised(h, body)
+    assert resent(h) == replayed
     assert h.reconnects == 1
 
 
@@ -367,26 +374,16 @@ def test_an_interrupted_turn_leaves_the_input_unanswered() -> None:
 
     h = harness(script)
 
-    async def body() -> None:
-        speak(h)
-        _, new = await h.opened(2)
-        await asyncio.sleep(1.0)
-        assert new.sent == FRAMES
-
-    supervised(h, body)
+    assert resent(h) == FRAMES
 
 
 def test_an_unanswered_text_turn_is_sent_again() -> None:
     """The greeting: the model owes a reply to every text turn."""
     h = harness(reply_cut_off(frames=1))
 
-    async def body() -> None:
-        h.supervisor.send_text("(Greet the caller.)")
-        _, new = await h.opened(2)
-        await asyncio.sleep(1.0)
-        assert new.sent == ["(Greet the caller.)"]
-
-    supervised(h, body)
+    assert resent(h, lambda: h.supervisor.send_text("(Greet the caller.)")) == [
+        "(Greet the caller.)"
+    ]
 
 
 def test_a_restart_sends_the_unanswered_input_to_the_new_session() -> None:
@@ -400,13 +397,7 @@ def test_a_restart_sends_the_unanswered_input_to_the_new_session() -> None:
 
     h = harness(script)
 
-    async def body() -> None:
-        speak(h)
-        _, new = await h.opened(2)
-        await asyncio.sleep(1.0)
-        assert new.sent == FRAMES
-
-    supervised(h, body)
+    assert resent(h) == FRAMES
     assert h.supervisor.restarts == 1
 
 

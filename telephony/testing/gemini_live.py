@@ -29,20 +29,20 @@ import math
 import re
 import ssl
 import tempfile
-import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Literal
 
 import numpy as np
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
+
+from .standin import LoopbackService, in_thread
 
 __all__ = [
     "MODEL_RULES",
@@ -1013,7 +1013,7 @@ class _Connection:
 # --- the service ------------------------------------------------------------------------------
 
 
-class GeminiLiveService:
+class GeminiLiveService(LoopbackService):
     """The stand-in service on 127.0.0.1 (a free port), with TLS from a fresh test CA.
 
     Use as `async with GeminiLiveService() as service:`, or `running_in_thread()` from
@@ -1079,14 +1079,6 @@ class GeminiLiveService:
     def _next_plan(self) -> FaultPlan | None:
         return self._plans.popleft() if self._plans else self._always
 
-    async def wait_for(self, condition: Callable[[], object], timeout: float = 5.0) -> None:
-        """Polls rather than awaiting an event so that callers on any loop can use it."""
-        deadline = time.monotonic() + timeout
-        while not condition():
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"condition not met within {timeout} s")
-            await asyncio.sleep(0.01)
-
     async def start(self) -> None:
         self._tmp = tempfile.TemporaryDirectory(prefix="gemini-live-")
         import trustme  # a test dependency (telephony[test]): servers never get here
@@ -1114,18 +1106,6 @@ class GeminiLiveService:
             self._tmp.cleanup()
             self._tmp = None
 
-    async def __aenter__(self) -> GeminiLiveService:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
-
     @staticmethod
     def _check_path(connection: ServerConnection, request: Request) -> Response | None:
         if _PATH.fullmatch(request.path.partition("?")[0]):
@@ -1141,15 +1121,5 @@ class GeminiLiveService:
 @contextmanager
 def running_in_thread(behaviour: ServiceBehaviour | None = None) -> Iterator[GeminiLiveService]:
     """The service on its own event loop in a daemon thread, for synchronous callers."""
-    service = GeminiLiveService(behaviour)
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, name="gemini-live-standin", daemon=True)
-    thread.start()
-    try:
-        asyncio.run_coroutine_threadsafe(service.start(), loop).result(timeout=10)
+    with in_thread(GeminiLiveService(behaviour), "gemini-live-standin") as service:
         yield service
-    finally:
-        asyncio.run_coroutine_threadsafe(service.stop(), loop).result(timeout=10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout=5)
-        loop.close()

@@ -41,19 +41,16 @@ import json
 import math
 import re
 import socket
-import threading
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
 import xml.etree.ElementTree as ET
 from collections import deque
-from collections.abc import Callable, Coroutine, Iterator, Mapping
+from collections.abc import Coroutine, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http import HTTPStatus
-from types import TracebackType
 from typing import Any, Literal, TypeVar
 
 import numpy as np
@@ -63,6 +60,7 @@ from ..audio import mulaw_encode
 from ..twilio.signatures import SignatureChecker
 from .gemini_live import voiced_audio
 from .simulator import CallerSimulator, CallOver, WebhookError, answer_call
+from .standin import LoopbackService, in_thread
 
 __all__ = [
     "ACCOUNT_SID",
@@ -427,7 +425,7 @@ def _send(url: str, data: bytes | None, headers: dict[str, str]) -> int:
         return 0
 
 
-class TwilioRestService:
+class TwilioRestService(LoopbackService):
     """Twilio's REST API (Calls) and the far ends of its calls, on a loopback port (see the
     module's docstring).
 
@@ -440,6 +438,9 @@ class TwilioRestService:
 
     Use as `async with TwilioRestService() as service:`, or `running_in_thread()`. The calls
     and their simulators live on the service's loop: `run()` reaches them from any loop."""
+
+    WAIT_S = 10.0
+    """Far ends ring and AMD listens: waits take longer than with the Gemini stand-in."""
 
     def __init__(
         self,
@@ -496,14 +497,6 @@ class TwilioRestService:
                 return await work
         return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(work, self._loop))
 
-    async def wait_for(self, condition: Callable[[], object], timeout: float = 10.0) -> None:
-        """Polls rather than awaiting an event, so that callers on any loop can use it."""
-        deadline = time.monotonic() + timeout
-        while not condition():
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"condition not met within {timeout} s")
-            await asyncio.sleep(0.01)
-
     async def start(self) -> None:
         from hypercorn.asyncio import serve
         from hypercorn.config import Config
@@ -536,18 +529,6 @@ class TwilioRestService:
             self._stop.set()
             await self._serving
             self._serving = None
-
-    async def __aenter__(self) -> TwilioRestService:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
     # --- the REST API ---------------------------------------------------------------------
 
@@ -881,15 +862,5 @@ def _standard(call: OutboundCall) -> dict[str, str]:
 def running_in_thread(**options: Any) -> Iterator[TwilioRestService]:
     """The service (`TwilioRestService(**options)`) on its own event loop in a daemon
     thread; its calls' simulators live there (reach them with `service.run()`)."""
-    service = TwilioRestService(**options)
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, name="twilio-rest-standin", daemon=True)
-    thread.start()
-    try:
-        asyncio.run_coroutine_threadsafe(service.start(), loop).result(timeout=10)
+    with in_thread(TwilioRestService(**options), "twilio-rest-standin") as service:
         yield service
-    finally:
-        asyncio.run_coroutine_threadsafe(service.stop(), loop).result(timeout=10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout=5)
-        loop.close()
