@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .playback import BYTES_PER_SECOND  # agent audio as the player counts it
+
 __all__ = ["BYTES_PER_SECOND", "Note", "Reply"]
 
-BYTES_PER_SECOND = 8000
-"""Agent audio as the player counts it: 8 kHz mu-law."""
 MODEL_BYTES_PER_SECOND = 48000
 """Agent audio as the model sends it: 24 kHz, 16-bit."""
 
