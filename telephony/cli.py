@@ -1,6 +1,6 @@
 """The `telephony` command: `serve [AGENT]` runs the phone server under hypercorn,
-`simulate CALLER.wav` places a simulated call, `call NUMBER` has Twilio call a number for the
-running server."""
+`simulate CALLER.wav` places a simulated call, `call NUMBER [AGENT]` has Twilio call a number
+for the running server (or for AGENT, served here for that one call)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import asyncio
 import logging
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from dotenv import load_dotenv
@@ -145,9 +146,17 @@ def _parser() -> argparse.ArgumentParser:
     call = commands.add_parser(
         "call",
         help="place an outbound call through Twilio; once answered it comes to the running "
-        "server at TELEPHONY_PUBLIC_URL, whose agent talks",
+        "server at TELEPHONY_PUBLIC_URL, whose agent talks (or to AGENT, served here)",
     )
     call.add_argument("to", help="the number to call (E.164, e.g. +15551234567) or a SIP URI")
+    call.add_argument(
+        "agent",
+        nargs="?",
+        default=None,
+        help="serve this agent here for the one call, then exit once Twilio reports it over: "
+        "`echo`, an agent folder, or `gemini` for the built-in agent (TELEPHONY_PUBLIC_URL "
+        "must reach TELEPHONY_HOST:TELEPHONY_PORT)",
+    )
     call.add_argument(
         "--from",
         dest="from_",
@@ -163,19 +172,23 @@ def main(argv: list[str] | None = None) -> int:
     load_dotenv()
     if args.command == "simulate":
         return _simulate(args)
-    if args.command == "call":
+    if args.command == "call" and args.agent is None:
         return _call(args)
     try:
-        settings = Settings.from_env(
-            agent=args.agent,
-            host=args.host,
-            port=args.port,
-            public_url=args.public_url,
-            session_db=args.session_db,
-            model=args.model,
-            record_dir=args.record,
-            insecure=args.insecure,
-        )
+        if args.command == "call":
+            settings = Settings.from_env(agent="" if args.agent == "gemini" else args.agent)
+            _need_public_url(settings)
+        else:
+            settings = Settings.from_env(
+                agent=args.agent,
+                host=args.host,
+                port=args.port,
+                public_url=args.public_url,
+                session_db=args.session_db,
+                model=args.model,
+                record_dir=args.record,
+                insecure=args.insecure,
+            )
     except SettingsError as exc:
         print(f"telephony: {exc}", file=sys.stderr)
         return 2
@@ -194,8 +207,40 @@ def main(argv: list[str] | None = None) -> int:
     except AgentLoadError as exc:
         print(f"telephony: {exc}", file=sys.stderr)
         return 2
-    asyncio.run(_serve(app, settings, args.hypercorn_config))
-    return 0
+    if args.command == "call":
+        return asyncio.run(_serve(app, settings, None, _one_call(app, args.to, args.from_)))
+    return asyncio.run(_serve(app, settings, args.hypercorn_config))
+
+
+def _need_public_url(settings: Settings) -> None:
+    if not settings.public_url:
+        raise SettingsError(
+            "TELEPHONY_PUBLIC_URL must say where Twilio reaches the server that takes the call"
+        )
+
+
+def _one_call(app: Quart, to: str, from_: str) -> Callable[[], Awaitable[int]]:
+    """`telephony call NUMBER AGENT`: once this process serves AGENT, place the call and wait
+    until Twilio reports it over (a transfer or a key press outlives the stream)."""
+
+    async def call() -> int:
+        from .server.app import call_out, outbound_over
+        from .twilio.rest import OutboundError
+
+        try:
+            sid = await call_out(app, to, from_)
+        except OutboundError as exc:
+            print(f"telephony: {exc}", file=sys.stderr)
+            return 1
+        print(sid, flush=True)
+        how = await outbound_over(app, sid)
+        log.info("call %s: over (%s)", sid, how)
+        if how.split()[0] == "completed":
+            return 0
+        print(f"telephony: the call to {to} was not completed: {how}", file=sys.stderr)
+        return 1
+
+    return call
 
 
 def _call(args: argparse.Namespace) -> int:
@@ -204,10 +249,7 @@ def _call(args: argparse.Namespace) -> int:
 
     try:
         settings = Settings.from_env()
-        if not settings.public_url:
-            raise SettingsError(
-                "TELEPHONY_PUBLIC_URL must say where Twilio reaches the server that takes the call"
-            )
+        _need_public_url(settings)
     except SettingsError as exc:
         print(f"telephony: {exc}", file=sys.stderr)
         return 2
@@ -243,10 +285,16 @@ def _simulate(args: argparse.Namespace) -> int:
         return 2
 
 
-async def _serve(app: Quart, settings: Settings, hypercorn_config: str | None) -> None:
+async def _serve(
+    app: Quart,
+    settings: Settings,
+    hypercorn_config: str | None,
+    work: Callable[[], Awaitable[int]] | None = None,
+) -> int:
     """hypercorn, with our own SIGTERM/SIGINT handling: drain first (new calls are turned away
     politely, active ones finish or hear a goodbye), then stop listening. A second signal
-    stops at once."""
+    stops at once. `work`, if given, starts once the server listens, and its end (its exit
+    status) stops the server."""
     from hypercorn.asyncio import serve
     from hypercorn.config import Config
 
@@ -284,8 +332,38 @@ async def _serve(app: Quart, settings: Settings, hypercorn_config: str | None) -
         settings.host,
         settings.port,
     )
-    await serve(app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
+    status: list[int] = []
+
+    async def run_work(work: Callable[[], Awaitable[int]]) -> None:
+        try:
+            await _listening(settings.host, settings.port)
+            status.append(await work())
+        finally:
+            stop.set()
+
+    worker = asyncio.create_task(run_work(work)) if work is not None else None
+    try:
+        await serve(app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
+    finally:
+        if worker is not None:
+            worker.cancel()
+            await asyncio.gather(worker, return_exceptions=True)
     log.info("stopped")
+    return status[0] if status else 0 if worker is None else 1
+
+
+async def _listening(host: str, port: int) -> None:
+    """Returns once `host:port` takes connections: hypercorn binds only after the app's
+    startup, and Twilio must not reach a closed port."""
+    while True:
+        try:
+            _, writer = await asyncio.open_connection(host, port)
+        except OSError:
+            await asyncio.sleep(0.05)
+            continue
+        writer.close()
+        await writer.wait_closed()
+        return
 
 
 if __name__ == "__main__":

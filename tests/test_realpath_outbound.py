@@ -5,7 +5,11 @@ is the built-in one on the Gemini stand-in."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -24,7 +28,7 @@ from telephony.testing.twilio_rest import (
     running_in_thread,
 )
 
-from .server import RunningServer, running_server
+from .server import RunningServer, free_port, running_server
 from .test_realpath import _connections, _session
 from .test_realpath import gemini as gemini  # the module fixture, shared
 
@@ -165,3 +169,58 @@ async def test_outbound_calls_beyond_the_limit_are_refused_until_one_is_over(
         await twilio.wait_for(lambda: call.settled, 10)
         assert call.status == "busy"
         _place(server, BUSY)
+
+
+def _call_command(twilio: TwilioRestService, tmp: Path, to: str) -> subprocess.Popen[str]:
+    """`telephony call TO echo`, as a user runs it: it serves the echo agent itself."""
+    port = free_port()
+    env = {
+        "TELEPHONY_PORT": str(port),
+        "TELEPHONY_PUBLIC_URL": f"http://127.0.0.1:{port}",
+        "TELEPHONY_SESSION_DB": str(tmp / "sessions.db"),
+        "TWILIO_AUTH_TOKEN": AUTH_TOKEN,
+        "TWILIO_ACCOUNT_SID": ACCOUNT_SID,
+        "TWILIO_API_KEY": API_KEY,
+        "TWILIO_API_SECRET": API_SECRET,
+        "TELEPHONY_CALLER_ID": FROM_NUMBER,
+        "TELEPHONY_REST_API_URL": twilio.base_url,
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "telephony.cli", "call", to, "echo"],
+        env={**os.environ, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+async def test_telephony_call_with_an_agent_serves_it_until_twilio_reports_the_call_over(
+    twilio: TwilioRestService, tmp_path: Path
+) -> None:
+    proc = _call_command(twilio, tmp_path, PERSON)
+    try:
+        assert proc.stdout is not None
+        sid = (await asyncio.to_thread(proc.stdout.readline)).strip()
+        call = twilio.calls[sid]
+        await twilio.wait_for(lambda: call.sim is not None and call.sim.log.heard, 15)
+        assert proc.poll() is None  # the call is on: the agent is still served
+        await twilio.run(call.sim.hang_up())  # type: ignore[union-attr]
+        code = await asyncio.to_thread(proc.wait, 20)
+        assert (code, call.status) == (0, "completed")
+        assert all(c.status == 204 for c in call.callbacks)  # its callbacks reached it, signed
+    finally:
+        proc.kill()
+
+
+async def test_telephony_call_with_an_agent_says_how_an_unanswered_call_ended(
+    twilio: TwilioRestService, tmp_path: Path
+) -> None:
+    twilio.far_ends[BUSY] = FarEnd("busy", ring_s=0.3)
+    proc = _call_command(twilio, tmp_path, BUSY)
+    try:
+        out, err = await asyncio.to_thread(proc.communicate, timeout=20)
+        assert proc.returncode == 1
+        assert out.strip() in twilio.calls
+        assert f"the call to {BUSY} was not completed: busy" in err
+    finally:
+        proc.kill()

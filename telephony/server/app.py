@@ -337,6 +337,8 @@ def create_app(settings: Settings, spec: AgentSpec | None = None) -> Quart:
         log.info("call %s: placed to %s", sid, shown(to))
         return sid
 
+    app.extensions["telephony.outbound"] = outbound
+
     @app.websocket(STREAM_PATH)
     async def stream() -> tuple[str, int] | None:
         signatures = checker(stream_base(f"http://{websocket.host}"))
@@ -387,6 +389,18 @@ async def place_outbound(settings: Settings, base: str, to: str, from_: str = ""
         settings.twilio_auth_token,
     )
     return await place(call, credentials, settings.rest_api_url)
+
+
+async def call_out(app: Quart, to: str, from_: str = "") -> str:
+    """Places a call from a serving app, as `POST /calls` does (same limits); its SID."""
+    sid: str = await app.extensions["telephony.outbound"](to, from_)
+    return sid
+
+
+async def outbound_over(app: Quart, call_sid: str) -> str:
+    """How Twilio reported the outbound call over (`completed after 42 s`, `busy`...)."""
+    calls: CallRegistry = app.extensions["telephony.calls"]
+    return await calls.outbound_over(call_sid)
 
 
 async def drain(app: Quart, timeout_s: float) -> None:

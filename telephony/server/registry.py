@@ -53,6 +53,8 @@ class CallRegistry:
         self._outbound: dict[str, asyncio.TimerHandle] = {}
         """Outbound calls Twilio has created and not reported over, each with the timer that
         forgets it should that report never come."""
+        self._reported_over: dict[str, asyncio.Future[str]] = {}
+        """Outbound calls' ends, as Twilio reports them, for whoever waits on one."""
 
     def __len__(self) -> int:
         return len(self._calls)
@@ -112,18 +114,28 @@ class CallRegistry:
         that report be lost, for `forget_after_s`)."""
         timer = asyncio.get_running_loop().call_later(forget_after_s, self._over, call_sid)
         self._outbound[call_sid] = timer
+        self._reported_over[call_sid] = asyncio.get_running_loop().create_future()
+
+    async def outbound_over(self, call_sid: str) -> str:
+        """Waits for Twilio to report the outbound call `call_sid` over (which may be long
+        after its stream ended for a transfer) and returns how, e.g. `completed after 42 s`."""
+        if (over := self._reported_over.get(call_sid)) is None:
+            return "not placed from here, or over already"
+        return await asyncio.shield(over)
 
     def status(self, call_sid: str, status: str) -> None:
         """A status callback from Twilio (call progress or the media stream's)."""
         log.info("call %s: Twilio reports %s", call_sid, status)
         if status.split()[0] in FINAL_STATUSES:
-            self._over(call_sid)
+            self._over(call_sid, status)
             if (call := self._calls.get(call_sid)) is not None:  # e.g. hung up during the keys
                 call.end(f"Twilio reports the call {status}")
 
-    def _over(self, call_sid: str) -> None:
+    def _over(self, call_sid: str, status: str = "never reported over by Twilio") -> None:
         if (timer := self._outbound.pop(call_sid, None)) is not None:
             timer.cancel()
+        if (over := self._reported_over.pop(call_sid, None)) is not None and not over.done():
+            over.set_result(status)
 
     def take_handover(self, call_sid: str) -> Handover | None:
         """What Twilio should do with a call whose stream we let go (None: hang up)."""
