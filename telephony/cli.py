@@ -1,6 +1,7 @@
 """The `telephony` command: `serve [AGENT]` runs the phone server under hypercorn,
 `simulate CALLER.wav` places a simulated call, `call NUMBER [AGENT]` has Twilio call a number
-for the running server (or for AGENT, served here for that one call)."""
+for the running server (or for AGENT, served here for that one call), `calls list` / `calls
+show CALL_SID` print the call history."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import logging
 import signal
 import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dotenv import load_dotenv
@@ -164,6 +166,21 @@ def _parser() -> argparse.ArgumentParser:
         help="the caller ID: a number of your Twilio account or a verified caller ID "
         "(default TELEPHONY_CALLER_ID)",
     )
+    calls = commands.add_parser("calls", help="the call history, from the session store")
+    history = calls.add_subparsers(dest="calls_command", required=True)
+    listing = history.add_parser("list", help="one line per call, latest first")
+    listing.add_argument("--since", default="", help="2h, 3d, 1w ago, or an ISO date/time")
+    listing.add_argument("--caller", default="", help="calls whose number contains this")
+    listing.add_argument("--limit", type=int, default=50, help="at most this many (0: all)")
+    show = history.add_parser("show", help="one call: who, how it ended, its timeline")
+    show.add_argument("call_sid", help="the call's SID (CA...)")
+    for command in (listing, show):
+        command.add_argument("--session-db", help="SQLite file of sessions (TELEPHONY_SESSION_DB)")
+        command.add_argument(
+            "--agent",
+            help="the agent whose calls to read: `echo`, a folder, `gemini` (TELEPHONY_AGENT; "
+            "default the built-in Gemini agent)",
+        )
     return parser
 
 
@@ -174,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         return _simulate(args)
     if args.command == "call" and args.agent is None:
         return _call(args)
+    if args.command == "calls":
+        return _calls(args)
     try:
         if args.command == "call":
             settings = Settings.from_env(agent="" if args.agent == "gemini" else args.agent)
@@ -259,6 +278,44 @@ def _call(args: argparse.Namespace) -> int:
         print(f"telephony: {exc}", file=sys.stderr)
         return 1
     print(sid)
+    return 0
+
+
+def _calls(args: argparse.Namespace) -> int:
+    from .agents import load_agent
+    from .server.history import BadQuery, HistoryError, calls_text
+    from .server.sessions import PersistentSqliteSessionService
+
+    try:
+        agent = "" if args.agent == "gemini" else args.agent
+        settings = Settings.from_env(agent=agent, session_db=args.session_db)
+        if not settings.session_db or not Path(settings.session_db).is_file():
+            raise SettingsError(f"no session database at {settings.session_db!r}")
+        app_name = load_agent(settings.agent, settings).app.name
+    except (SettingsError, AgentLoadError) as exc:
+        print(f"telephony: {exc}", file=sys.stderr)
+        return 2
+
+    async def read() -> str:
+        sessions = PersistentSqliteSessionService(settings.session_db)
+        try:
+            return await calls_text(
+                sessions,
+                app_name,
+                call_sid=getattr(args, "call_sid", ""),
+                since=getattr(args, "since", ""),
+                caller=getattr(args, "caller", ""),
+                limit=getattr(args, "limit", 50),
+                mask=settings.mask_callers,
+            )
+        finally:
+            await sessions.close()
+
+    try:
+        print(asyncio.run(read()))
+    except HistoryError as exc:
+        print(f"telephony: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, BadQuery) else 1
     return 0
 
 

@@ -35,6 +35,7 @@ from .heard import Reply
 from .keys import KeyBuffer, keys_text
 from .logs import CallLogger
 from .playback import Player, UnknownMark
+from .record import CallRecord
 from .recording import CallRecorder
 from .supervisor import CallerAudioQueue, LiveSupervisor, ModelStalled
 from .tools import register, unregister
@@ -220,12 +221,13 @@ class Call:
             caller_idle_s=options.caller_idle_s,
         )
         self._keys = KeyBuffer(idle_s=options.keys_idle_s)
+        self.record = CallRecord(lambda: self.live.session(), call_sid=info.call_sid)
         self.live = LiveSupervisor(
             runner,
             run_config,
             user_id=info.caller or "unknown",
             session_id=info.call_sid,
-            state=info.state(),
+            state={**info.state(), "telephony_started_at": self.record.started_at},
             restarts=options.model_restarts,
             connections_per_minute=options.model_connections_per_minute,
             on_event=self._on_model_event,
@@ -256,6 +258,7 @@ class Call:
         self._caller_audio_ended = False
         self._tasks: list[asyncio.Task[None]] = []
         self._closing: asyncio.Task[None] | None = None
+        self._restarts_recorded = 0
         self.barge_ins = 0
         self.false_barge_ins = 0
         """Holds that ended in the agent playing on (a cough, an "mm-hm", a short noise)."""
@@ -381,6 +384,7 @@ class Call:
 
     def _send_keys(self, keys: str) -> None:
         self._log("keys to the model: %s", self._log.keys(keys))
+        self.record.event("keys", digits=keys)
         self.live.send_text(keys_text(keys))
 
     async def _act(self, actions: tuple[Action, ...]) -> None:
@@ -401,6 +405,7 @@ class Call:
                 if await self.player.clear():
                     self.barge_ins += 1
                     self._log("barge-in (%s): cleared playback", action.source)
+                    self.record.event("barge_in", source=action.source)
                     reply = self._reply
                     if (
                         action.by_caller
@@ -479,10 +484,12 @@ class Call:
                 if blob and blob.data and (blob.mime_type or "").startswith("audio/pcm"):
                     self._on_agent_audio(blob.data, blob.mime_type or "")
         if event.input_transcription and event.input_transcription.finished:
+            self.record.turns += 1
             self._log("caller said: %s", self._log.words(event.input_transcription.text or ""))
         if (said := event.output_transcription) and said.text:
             self._current_reply().transcribed(said.text, finished=bool(said.finished))
             if said.finished:
+                self.record.turns += 1
                 self._log("agent said: %s", self._log.words(said.text))
         if event.interrupted or event.turn_complete:
             self._end_agent_audio()
@@ -523,6 +530,11 @@ class Call:
         the agent is not talking any more. True when the caller is owed an answer (they spoke
         and none came, or it was cut off)."""
         owed = self.turns.generating or self.turns.awaiting_reply_since is not None
+        if self.live.restarts > self._restarts_recorded:
+            self._restarts_recorded = self.live.restarts
+            self.record.event("restart", restarts=self.live.restarts)
+        else:
+            self.record.event("reconnect", reconnects=self.live.reconnects)
         self.turns.handle(SESSION_RESTARTED)
         self._reply_done()
         return owed
@@ -657,6 +669,9 @@ class Call:
         finally:
             if self.recorder is not None:
                 self.recorder.close(self.end_reason)
+            transfer_to = self.handover.transfer_to if self.handover else ""
+            self.record.end(self.end_reason, direction=self.info.direction, transfer_to=transfer_to)
+            await self.record.close(self.live.stored_session)
         ledger = self.player.ledger
         self._log(
             "ended: %s; agent audio sent %.1f s, barge-ins %d (and %d false), marks sent %d "

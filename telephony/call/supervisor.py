@@ -33,6 +33,7 @@ from google.adk.agents.run_config import RunConfig
 from google.adk.events import Event
 from google.adk.plugins import BasePlugin
 from google.adk.runners import Runner
+from google.adk.sessions import BaseSessionService, Session
 from google.genai import types
 
 from .logs import CallLogger
@@ -292,6 +293,8 @@ class LiveSupervisor:
         """The model was answering (its reply may not have reached the call at all)."""
         self._connections: deque[float] = deque()
         """When each connection within the window was opened."""
+        self._last_context: InvocationContext | None = None
+        """The agent context of the latest run that had one."""
         self.stopped = False
         """The call is over: a run that ends now is not restarted."""
         self.restarts = 0
@@ -332,6 +335,23 @@ class LiveSupervisor:
         """Changes the session state (ADK stores it as an event of its own); the model is
         told nothing."""
         self.queue.send(LiveRequest(state_delta=state))
+
+    def session(self) -> tuple[BaseSessionService, Session] | None:
+        """The session object the live run appends to, for the call's own records (see
+        `record`); once the call is over, the last run's. None between runs: a new run
+        fetches its own copy, and an append to the old one would make it stale."""
+        context = self.queue.agent_context
+        if context is None and self.stopped:
+            context = self._last_context
+        return None if context is None else (context.session_service, context.session)
+
+    async def stored_session(self) -> tuple[BaseSessionService, Session] | None:
+        """The call's session as stored, for a call whose live run never got that far."""
+        sessions = self._runner.session_service
+        session = await sessions.get_session(
+            app_name=self._runner.app_name, user_id=self._user_id, session_id=self._session_id
+        )
+        return None if session is None else (sessions, session)
 
     def restart(self, reason: str) -> None:
         """Abandons the running live session (it is stuck) for a new one."""
@@ -517,6 +537,7 @@ class LiveSupervisor:
         """A fresh queue for the new run_live: the old one is closed, and caller audio from
         the outage is not worth sending to a model that has moved on."""
         old, self.queue = self.queue, CallerAudioQueue(self)
+        self._last_context = old.agent_context or self._last_context
         old.close()
         self.reopened(self.queue)
 

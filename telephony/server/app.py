@@ -15,6 +15,7 @@ from quart import Quart, Response, request, websocket
 from ..agents import AgentSpec, load_agent, warm_up
 from ..call import Call, CallInfo, CallOptions, asset
 from ..call.logs import mask_number
+from ..call.record import record_event, status_fields, status_state
 from ..settings import Settings
 from ..twilio.media_stream import Connected, ProtocolError, Start, parse
 from ..twilio.rest import (
@@ -27,6 +28,7 @@ from ..twilio.rest import (
 )
 from ..twilio.signatures import SignatureChecker, websocket_url
 from ..twilio.twiml import busy, call_parameters, connect_stream, dial, hang_up
+from . import history
 from .capacity import Admission, LoopMonitor
 from .registry import CallRegistry
 from .sessions import PersistentSqliteSessionService
@@ -235,17 +237,27 @@ def create_app(settings: Settings, spec: AgentSpec | None = None) -> Quart:
             return form
         call_sid = form["CallSid"]
         now = asyncio.get_running_loop().time()
+        info = CallInfo.from_parameters(call_sid, call_parameters(form))
         if (reason := refusal(now)) is not None:
             calls.metrics.calls_refused_total += 1
             log.warning("call %s: turned away: %s", call_sid, reason)
+            calls.spawn(turned_away(info, reason))
             return Response(busy(), content_type="text/xml")
         admission.admit(now)
-        info = CallInfo.from_parameters(call_sid, call_parameters(form))
         log.info(
             "call %s: incoming from %s to %s", call_sid, shown(info.caller), shown(info.callee)
         )
         calls.prestart(info)
         return stream_twiml(base, info)
+
+    async def turned_away(info: CallInfo, reason: str) -> None:
+        """A call the agent never took is in the history too."""
+        try:
+            await history.store_unstarted(
+                sessions, spec.app.name, info, [], outcome="busy", reason=f"turned away: {reason}"
+            )
+        except Exception as exc:
+            log.error("call %s: not kept in the history: %r", info.call_sid, exc)
 
     @app.post(AFTER_STREAM_PATH)
     async def after_stream() -> Response | tuple[str, int]:
@@ -280,7 +292,23 @@ def create_app(settings: Settings, spec: AgentSpec | None = None) -> Quart:
             event += f" after {duration} s"
         if error := form.get("StreamError"):
             event += f" ({error})"
-        calls.status(form["CallSid"], event)
+        sid, fields = form["CallSid"], status_fields(form)
+        fact = record_event("status", fields, state=status_state(fields))
+        kept = calls.keep(sid, fact)
+        unstarted = calls.status(sid, event)
+        try:  # the history's loss, not Twilio's: it would retry a callback refused
+            if unstarted:  # an outbound call that never started here: no session yet
+                info = CallInfo.from_parameters(sid, call_parameters(form))
+                how = fields.get("CallStatus", "")
+                await history.store_unstarted(
+                    sessions, spec.app.name, info, unstarted, outcome=how, reason=event
+                )
+            elif not kept:
+                user = form.get("From") or calls.caller_of(sid)
+                if not await history.store_late(sessions, spec.app.name, sid, user, fact):
+                    log.warning("call %s: %s not kept: no session for the call", sid, event)
+        except Exception as exc:
+            log.error("call %s: %s not kept: %r", sid, event, exc)
         return "", 204
 
     @app.post(AMD_PATH)

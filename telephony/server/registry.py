@@ -12,6 +12,8 @@ import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from google.adk.events import Event
+
 from ..call import Call, CallInfo, Handover
 from .metrics import Metrics
 
@@ -48,6 +50,13 @@ class CallRegistry:
         """Handovers of calls that ended, until Twilio asks what to do next."""
         self._ended: dict[str, asyncio.TimerHandle] = {}
         """Calls that ended here lately, each with the timer that forgets it."""
+        self._callers: dict[str, str] = {}
+        """Who each call that ended here lately was with (its session's user id), for Twilio's
+        last callbacks, which do not say."""
+        self._early: dict[str, list[Event]] = {}
+        """Facts for the history of outbound calls not started yet (Twilio's callbacks)."""
+        self._answered: set[str] = set()
+        """Outbound calls (of `_outbound`) that started here."""
         self.placing = 0
         """Outbound calls being created (Twilio's REST API has not answered yet)."""
         self._outbound: dict[str, asyncio.TimerHandle] = {}
@@ -100,8 +109,12 @@ class CallRegistry:
         call = self._factory(info)
         self._emptied.clear()
         self._calls[info.call_sid] = call
+        if info.call_sid in self._outbound:
+            self._answered.add(info.call_sid)
+        for event in self._early.pop(info.call_sid, []):
+            call.record.append(event)
         call.start()
-        self._spawn(self._reap(call))
+        self.spawn(self._reap(call))
         return call
 
     @property
@@ -123,19 +136,41 @@ class CallRegistry:
             return "not placed from here, or over already"
         return await asyncio.shield(over)
 
-    def status(self, call_sid: str, status: str) -> None:
-        """A status callback from Twilio (call progress or the media stream's)."""
+    def status(self, call_sid: str, status: str) -> list[Event]:
+        """A status callback from Twilio (call progress or the media stream's). Returns the
+        facts kept (`keep`) for an outbound call that Twilio reports over before it started
+        here (not answered, busy...): its history has no session yet."""
         log.info("call %s: Twilio reports %s", call_sid, status)
-        if status.split()[0] in FINAL_STATUSES:
-            self._over(call_sid, status)
-            if (call := self._calls.get(call_sid)) is not None:  # e.g. hung up during the keys
-                call.end(f"Twilio reports the call {status}")
+        if status.split()[0] not in FINAL_STATUSES:
+            return []
+        if (call := self._calls.get(call_sid)) is not None:  # e.g. hung up during the keys
+            call.end(f"Twilio reports the call {status}")
+        return self._over(call_sid, status)
 
-    def _over(self, call_sid: str, status: str = "never reported over by Twilio") -> None:
+    def keep(self, call_sid: str, event: Event) -> bool:
+        """A fact for the call's history (see `call.record`): the call appends it to its
+        session, or, placed and not answered yet, once it starts. False: the call is not here."""
+        if (call := self._calls.get(call_sid)) is not None:
+            call.record.append(event)
+            return True
+        if call_sid in self._outbound and call_sid not in self._answered:
+            self._early.setdefault(call_sid, []).append(event)
+            return True
+        return False
+
+    def caller_of(self, call_sid: str) -> str:
+        """The user id of a call here or ended here lately ("" if neither)."""
+        if (call := self._calls.get(call_sid)) is not None:
+            return call.info.caller or "unknown"
+        return self._callers.get(call_sid, "")
+
+    def _over(self, call_sid: str, status: str = "never reported over by Twilio") -> list[Event]:
         if (timer := self._outbound.pop(call_sid, None)) is not None:
             timer.cancel()
         if (over := self._reported_over.pop(call_sid, None)) is not None and not over.done():
             over.set_result(status)
+        self._answered.discard(call_sid)
+        return self._early.pop(call_sid, [])
 
     def take_handover(self, call_sid: str) -> Handover | None:
         """What Twilio should do with a call whose stream we let go (None: hang up)."""
@@ -149,7 +184,8 @@ class CallRegistry:
         await call.done.wait()
         sid = call.info.call_sid
         loop = asyncio.get_running_loop()
-        self._ended[sid] = loop.call_later(HANDOVER_KEEP_S, self._ended.pop, sid, None)
+        self._ended[sid] = loop.call_later(HANDOVER_KEEP_S, self._forget_ended, sid)
+        self._callers[sid] = call.info.caller or "unknown"
         if call.handover is not None:  # before the socket closes and Twilio asks for it
             self._handovers[sid] = call.handover
             loop.call_later(HANDOVER_KEEP_S, self._handovers.pop, sid, None)
@@ -164,6 +200,10 @@ class CallRegistry:
         m.caller_audio_dropped_s += call.caller_audio_dropped * 0.02
         m.agent_audio_dropped_s += call.player.overflow_bytes / 8000
         m.gaps.merge(call.player.gaps)
+
+    def _forget_ended(self, call_sid: str) -> None:
+        self._ended.pop(call_sid, None)
+        self._callers.pop(call_sid, None)
 
     def _forget(self, call: Call) -> None:
         if self._calls.get(call.info.call_sid) is call:
@@ -181,9 +221,10 @@ class CallRegistry:
                 call.info.call_sid,
                 self._timeout,
             )
-            self._spawn(call.close("media stream never connected"))
+            self.spawn(call.close("media stream never connected"))
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Runs `coro` as a task that `close_all` waits for."""
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
