@@ -405,7 +405,8 @@ class Call:
                 if await self.player.clear():
                     self.barge_ins += 1
                     self._log("barge-in (%s): cleared playback", action.source)
-                    self.record.event("barge_in", source=action.source)
+                    if action.by_caller:
+                        self.record.event("barge_in", source=action.source)
                     reply = self._reply
                     if (
                         action.by_caller
