@@ -19,7 +19,7 @@ from google.genai import types
 
 from telephony.agents import AgentSpec, phone_run_config
 from telephony.agents.echo import EchoFaults, echo_app
-from telephony.call.record import end_event, outcome_of, record_event
+from telephony.call.record import CallRecord, end_event, outcome_of, record_event
 from telephony.cli import main
 from telephony.server.app import create_app
 from telephony.server.history import (
@@ -475,3 +475,55 @@ async def test_tool_calls_and_how_the_agent_ended_the_call(
     assert f"result    {tool}: " in shown
     assert f"end       {ended}" in shown
     assert "duration   1:35 (with the agent 0:" in shown
+
+
+def test_a_call_s_record_waits_for_its_session_keeps_order_and_counts_losses() -> None:
+    """Facts made before the live run has a session wait for it (stamped when they
+    happened), in order; Twilio's last callbacks after the end go to the same session; facts
+    of a call without any session are counted as lost."""
+
+    async def run() -> tuple[list[str], int, list[str]]:
+        sessions = InMemorySessionService()
+        stored = await sessions.create_session(app_name="a", user_id="u", session_id="CA1")
+        live: list[Any] = []
+        record = CallRecord(lambda: live[0] if live else None, call_sid="CA1")
+        record.event("keys", digits="1")
+        record.status({"StreamEvent": "stream-started"})
+        live.append((sessions, stored))
+        record.event("barge_in", source="caller speech")
+        record.end("caller hung up (stop)", direction="inbound")
+        await record.close(lambda: asyncio.sleep(0))
+        record.status({"CallStatus": "completed"})  # Twilio's last word, after the call
+        await asyncio.sleep(0.01)
+        after = await sessions.get_session(app_name="a", user_id="u", session_id="CA1")
+        assert after is not None
+        kinds = [next(iter(e.custom_metadata or {})) for e in after.events]
+        times = [e.timestamp for e in after.events]
+        assert times == sorted(times)
+
+        nowhere = CallRecord(lambda: None, call_sid="CA2")
+        nowhere.event("keys", digits="2")
+
+        async def no_session() -> None:
+            return None
+
+        await nowhere.close(no_session)
+        return kinds, nowhere.lost, [k for k in after.state if k.startswith("telephony_")]
+
+    kinds, lost, state = asyncio.run(run())
+    assert kinds == [
+        "telephony_keys",
+        "telephony_status",
+        "telephony_barge_in",
+        "telephony_end",
+        "telephony_status",
+    ]
+    assert lost == 1
+    assert set(state) == {
+        "telephony_outcome",
+        "telephony_end_reason",
+        "telephony_ended_at",
+        "telephony_duration_s",
+        "telephony_turns",
+        "telephony_call_status",
+    }

@@ -283,7 +283,8 @@ def create_app(settings: Settings, spec: AgentSpec | None = None) -> Quart:
     @app.post(STATUS_PATH)
     async def status() -> tuple[str, int]:
         """Twilio's status callbacks: call progress (`CallStatus`) and the stream's
-        (`StreamEvent`: stream-started, stream-stopped, stream-error)."""
+        (`StreamEvent`: stream-started, stream-stopped, stream-error), each kept in the call's
+        history (see `call.record`), also once the call has left this server."""
         form = await signed_form()
         if isinstance(form, tuple):
             return form
@@ -318,6 +319,7 @@ def create_app(settings: Settings, spec: AgentSpec | None = None) -> Quart:
         if isinstance(form, tuple):
             return form
         who = form.get("AnsweredBy", "unknown")
+        calls.keep(form["CallSid"], record_event("status", {"AnsweredBy": who}))
         if (call := calls.get(form["CallSid"])) is None:
             log.warning("call %s: answered by %s, but the call is over", form["CallSid"], who)
         else:
