@@ -192,7 +192,8 @@ async def test_barge_in(
     [connection] = _connections(gemini, first)
     assert bool(_sent(connection, "interrupted")) == model_generating
     told = _told_what_was_heard(connection, heard_s)
-    [stored] = [e for e in _session(server, sim.call_sid).events if e.custom_metadata]
+    events = _session(server, sim.call_sid).events
+    [stored] = [e for e in events if NOTE_METADATA_KEY in (e.custom_metadata or {})]
     kept = stored.custom_metadata[NOTE_METADATA_KEY]  # history marks the words never heard
     assert (kept["heard"], kept["unheard"]) == told
 

@@ -34,6 +34,7 @@ from google.adk.events import Event
 from google.adk.plugins import BasePlugin
 from google.adk.runners import Runner
 from google.adk.sessions import BaseSessionService, Session
+from google.adk.sessions.base_session_service import GetSessionConfig
 from google.genai import types
 
 from .logs import CallLogger
@@ -349,7 +350,10 @@ class LiveSupervisor:
         """The call's session as stored, for a call whose live run never got that far."""
         sessions = self._runner.session_service
         session = await sessions.get_session(
-            app_name=self._runner.app_name, user_id=self._user_id, session_id=self._session_id
+            app_name=self._runner.app_name,
+            user_id=self._user_id,
+            session_id=self._session_id,
+            config=GetSessionConfig(num_recent_events=0),  # only appended to
         )
         return None if session is None else (sessions, session)
 
