@@ -19,7 +19,7 @@ from google.genai import types
 
 from telephony.agents import AgentSpec, phone_run_config
 from telephony.agents.echo import EchoFaults, echo_app
-from telephony.call.record import CallRecord, end_event, outcome_of, record_event
+from telephony.call.record import CallRecord, end_event, outcome_of, record_event, status_event
 from telephony.cli import main
 from telephony.server.app import create_app
 from telephony.server.history import (
@@ -386,7 +386,9 @@ async def test_calls_that_never_reached_the_agent_are_in_the_history(
     assert "+15553334444" in turned_away and turned_away.endswith("turned away (busy)")
     [not_answered] = [line for line in listed if unanswered in line]
     assert "outbound-api" in not_answered and not_answered.endswith("not answered")
+    assert "+15550002222" in not_answered  # who was called, not our own number
     shown = await _history(capsys, db, "show", unanswered)
+    assert "who        +15550002222\n  from       +15550001000\n" in shown
     assert "status     initiated, ringing, no-answer" in shown
 
 
@@ -488,16 +490,18 @@ def test_a_call_s_record_waits_for_its_session_keeps_order_and_counts_losses() -
         live: list[Any] = []
         record = CallRecord(lambda: live[0] if live else None, call_sid="CA1")
         record.event("keys", digits="1")
-        record.status({"StreamEvent": "stream-started"})
+        record.append(status_event({"StreamEvent": "stream-error"}))
         live.append((sessions, stored))
         record.event("barge_in", source="caller speech")
         record.end("caller hung up (stop)", direction="inbound")
         await record.close(lambda: asyncio.sleep(0))
-        record.status({"CallStatus": "completed"})  # Twilio's last word, after the call
+        record.append(status_event({"CallStatus": "completed"}))  # Twilio's last word, after
+
         await asyncio.sleep(0.01)
         after = await sessions.get_session(app_name="a", user_id="u", session_id="CA1")
         assert after is not None
         kinds = [next(iter(e.custom_metadata or {})) for e in after.events]
+        assert after.state["telephony_outcome"] == "stream_error"  # no hang-up: Twilio said so
         times = [e.timestamp for e in after.events]
         assert times == sorted(times)
 

@@ -45,8 +45,8 @@ __all__ = [
     "end_event",
     "outcome_of",
     "record_event",
+    "status_event",
     "status_fields",
-    "status_state",
 ]
 
 log = logging.getLogger(__name__)
@@ -133,8 +133,12 @@ def end_event(
     return record_event("end", fields, state=state)
 
 
-def status_state(fields: Mapping[str, str]) -> dict[str, Any]:
-    """What a call status callback changes in the session state."""
+def status_event(fields: Mapping[str, str]) -> Event:
+    """A status callback's fact (see `status_fields`), with what it changes in the state."""
+    return record_event("status", fields, state=_status_state(fields))
+
+
+def _status_state(fields: Mapping[str, str]) -> dict[str, Any]:
     state: dict[str, Any] = {}
     if status := fields.get("CallStatus"):
         state["telephony_call_status"] = status
@@ -163,24 +167,28 @@ class CallRecord:
         """Lines of the transcript so far (the caller's and the agent's)."""
         self.started_at = time.time()
         self.lost = 0
+        self._stream_error = False
+        """Twilio reported the stream failed: the call's socket closing is no hang-up."""
 
     def event(self, kind: str, **fields: Any) -> None:
         self.append(record_event(kind, fields))
 
-    def status(self, fields: Mapping[str, str]) -> None:
-        self.append(record_event("status", fields, state=status_state(fields)))
-
     def append(self, event: Event) -> None:
         """Appends `event` once the session is at hand, after every event before it."""
+        status = (event.custom_metadata or {}).get("telephony_status") or {}
+        self._stream_error |= status.get("StreamEvent") == "stream-error"
         self._waiting.append(event)
         if self._at_hand() is not None and (self._writing is None or self._writing.done()):
             self._writing = asyncio.create_task(self._write())
 
     def end(self, reason: str, *, direction: str, transfer_to: str = "") -> None:
         """The bridge let the call go: how, and the summary a list of calls shows."""
+        outcome = outcome_of(reason)
+        if self._stream_error and outcome in ("hung_up", "stream_closed"):
+            outcome = "stream_error"
         self.append(
             end_event(
-                outcome_of(reason),
+                outcome,
                 reason,
                 started_at=self.started_at,
                 direction=direction,
@@ -196,7 +204,11 @@ class CallRecord:
             await asyncio.wait({self._writing})
         if not self._waiting:
             return
-        at_hand = self._at_hand() or await fallback()
+        try:
+            at_hand = self._at_hand() or await fallback()
+        except Exception as exc:  # the call still ends; its history is what is lost
+            at_hand = None
+            self._lost(0, f"its session could not be read: {exc!r}")
         self._closed_on = at_hand
         if at_hand is None:
             self._lost(len(self._waiting), "the call has no session")

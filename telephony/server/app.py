@@ -15,7 +15,7 @@ from quart import Quart, Response, request, websocket
 from ..agents import AgentSpec, load_agent, warm_up
 from ..call import Call, CallInfo, CallOptions, asset
 from ..call.logs import mask_number
-from ..call.record import record_event, status_fields, status_state
+from ..call.record import status_event, status_fields
 from ..settings import Settings
 from ..twilio.media_stream import Connected, ProtocolError, Start, parse
 from ..twilio.rest import (
@@ -294,7 +294,7 @@ def create_app(settings: Settings, spec: AgentSpec | None = None) -> Quart:
         if error := form.get("StreamError"):
             event += f" ({error})"
         sid, fields = form["CallSid"], status_fields(form)
-        fact = record_event("status", fields, state=status_state(fields))
+        fact = status_event(fields)
         kept = calls.keep(sid, fact)
         unstarted = calls.status(sid, event)
         try:  # the history's loss, not Twilio's: it would retry a callback refused
@@ -319,7 +319,7 @@ def create_app(settings: Settings, spec: AgentSpec | None = None) -> Quart:
         if isinstance(form, tuple):
             return form
         who = form.get("AnsweredBy", "unknown")
-        calls.keep(form["CallSid"], record_event("status", {"AnsweredBy": who}))
+        calls.keep(form["CallSid"], status_event({"AnsweredBy": who}))
         if (call := calls.get(form["CallSid"])) is None:
             log.warning("call %s: answered by %s, but the call is over", form["CallSid"], who)
         else:

@@ -95,7 +95,8 @@ class CallSummary:
         if "telephony_call_sid" not in state:
             return None
         duration = state.get("telephony_call_duration_s", state.get("telephony_duration_s"))
-        started = state.get("telephony_started_at")
+        # calls kept before their start was: their last change tells the day at least
+        started = state.get("telephony_started_at", session.last_update_time or None)
         return cls(
             call_sid=session.id,
             caller=str(state.get("telephony_caller", "")),
@@ -108,6 +109,15 @@ class CallSummary:
             turns=state.get("telephony_turns"),
             call_status=str(state.get("telephony_call_status", "")),
         )
+
+    @property
+    def outbound(self) -> bool:
+        return self.direction.startswith("outbound")
+
+    @property
+    def party(self) -> str:
+        """Who the call was with: the caller, or the number an outbound call called."""
+        return self.called if self.outbound else self.caller
 
     def ended(self, mask: bool = False) -> str:
         """How the call ended, in words."""
@@ -147,14 +157,14 @@ async def list_calls(
     caller: str = "",
     limit: int = 50,
 ) -> list[CallSummary]:
-    """The latest calls first; `caller` matches a number by its digits (or a SIP URI by its
-    text), anywhere in it."""
+    """The latest calls first; `caller` matches who the call was with (`party`) by the
+    digits (or a SIP URI by its text), anywhere in the number."""
     listed = await sessions.list_sessions(app_name=app_name)
     calls = [c for s in listed.sessions if (c := CallSummary.of(s)) is not None]
     if since is not None:
         calls = [c for c in calls if c.started_at is not None and c.started_at >= since]
     if caller:
-        calls = [c for c in calls if _matches(caller, c.caller)]
+        calls = [c for c in calls if _matches(caller, c.party)]
     calls.sort(key=lambda c: c.started_at or 0.0, reverse=True)
     return calls[:limit] if limit > 0 else calls
 
@@ -248,7 +258,7 @@ def format_summary(call: CallSummary, *, mask: bool = False, tz: tzinfo | None =
         [
             _when(call.started_at, tz),
             call.call_sid,
-            f"{_number(call.caller, mask) or '(unknown)':<16}",
+            f"{_number(call.party, mask) or '(unknown)':<16}",
             f"{call.direction:<13}",
             f"{_duration(call.duration_s):>7}",
             f"{turns:>8}",
@@ -282,8 +292,9 @@ def format_call(session: Session, *, mask: bool = False, tz: tzinfo | None = Non
     header = [
         f"call {call.call_sid}",
         f"  when       {_when(call.started_at, tz)}",
-        f"  who        {_number(call.caller, mask) or '(unknown)'}",
-        f"  called     {_number(call.called, mask) or '(unknown)'}",
+        f"  who        {_number(call.party, mask) or '(unknown)'}",
+        f"  {'from' if call.outbound else 'called':<9}  "
+        f"{_number(call.caller if call.outbound else call.called, mask) or '(unknown)'}",
         f"  direction  {call.direction}",
         f"  duration   {duration}",
         f"  ended      {call.ended(mask)}",
