@@ -431,4 +431,5 @@ async def calls_text(
         raise BadQuery(f"--limit {limit}: expected 0 (all) or more")
     after = parse_since(since) if since else None
     calls = await list_calls(sessions, app_name, since=after, caller=caller, limit=limit)
-    return "\n".join(format_summary(c, mask=mask) for c in calls) or "(no calls)"
+    lines = "\n".join(format_summary(c, mask=mask) for c in calls)
+    return lines or f"(no calls of the agent {app_name!r}; --agent names another)"
