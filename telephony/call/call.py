@@ -490,7 +490,6 @@ class Call:
         if (said := event.output_transcription) and said.text:
             self._current_reply().transcribed(said.text, finished=bool(said.finished))
             if said.finished:
-                self.record.turns += 1
                 self._log("agent said: %s", self._log.words(said.text))
         if event.interrupted or event.turn_complete:
             self._end_agent_audio()
@@ -506,6 +505,7 @@ class Call:
         """The reply the model is generating: a new one once the last is done."""
         if self._reply is None or self._reply.done:
             self._reply = Reply(self.player.queued_total)
+            self.record.turns += 1
         return self._reply
 
     def _reply_done(self) -> None:

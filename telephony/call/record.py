@@ -164,7 +164,7 @@ class CallRecord:
         self._closed_on: tuple[BaseSessionService, Session] | None = None
         """The session `close` found, for facts that come later (Twilio's last callbacks)."""
         self.turns = 0
-        """Lines of the transcript so far (the caller's and the agent's)."""
+        """The caller's finished utterances and the agent's replies so far."""
         self.started_at = time.time()
         self.lost = 0
         self._stream_error = False
