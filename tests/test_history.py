@@ -340,6 +340,12 @@ async def test_a_call_s_history_from_its_first_word_to_twilio_s_last_callback(
         assert _post(server, "/status", _stream_status(sid, "stream-stopped")) == 204
         forged = _call_status(sid, "completed", caller, CallDuration="99")
         assert _post(server, "/status", forged, signature="forged") == 403
+        unsigned = urllib.request.Request(
+            server.base_url + "/status", data=urllib.parse.urlencode(forged).encode()
+        )
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(unsigned, timeout=5)
+        assert refused.value.code == 403
         assert (
             _post(server, "/status", _call_status(sid, "completed", caller, CallDuration="21"))
             == 204

@@ -371,11 +371,11 @@ def _timeline(events: list[Event], mask: bool) -> list[_Line]:
             keys = str(pressed.get("digits", ""))
             lines.append(_Line(at, "keys", f"caller pressed {keys}"))
         elif (barge := _record(event, "barge_in")) is not None:
-            lines.append(_Line(at, "barge-in", f"caller talked over the agent ({barge['source']})"))
+            lines.append(_Line(at, "barge-in", f"caller talked over the agent ({barge.get('source')})"))
         elif (restart := _record(event, "restart")) is not None:
-            lines.append(_Line(at, "restart", f"live session restarted (#{restart['restarts']})"))
+            lines.append(_Line(at, "restart", f"live session restarted (#{restart.get('restarts')})"))
         elif (again := _record(event, "reconnect")) is not None:
-            lines.append(_Line(at, "reconnect", f"model reconnected (#{again['reconnects']})"))
+            lines.append(_Line(at, "reconnect", f"model reconnected (#{again.get('reconnects')})"))
         elif (status := _record(event, "status")) is not None:
             lines.append(_Line(at, "status", f"Twilio: {_status_text(status)}"))
         elif (end := _record(event, "end")) is not None:
