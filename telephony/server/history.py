@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, tzinfo
@@ -351,6 +352,22 @@ class _Speaker:
         self._pieces = ""
 
 
+_FACTS = {
+    "keys": ("keys", "caller pressed {digits}"),
+    "barge_in": ("barge-in", "caller talked over the agent ({source})"),
+    "restart": ("restart", "live session restarted (#{restarts})"),
+    "reconnect": ("reconnect", "model reconnected (#{reconnects})"),
+}
+"""How the call's own facts read (see `call.record`), but its status and its end."""
+
+
+def _fact(event: Event) -> tuple[str, str] | None:
+    for kind, (shown, text) in _FACTS.items():
+        if (fields := _record(event, kind)) is not None:
+            return shown, text.format_map(defaultdict(lambda: "?", fields))
+    return None
+
+
 def _timeline(events: list[Event], mask: bool) -> list[_Line]:
     lines: list[_Line] = []
     caller, agent = _Speaker("caller", lines), _Speaker("agent", lines)
@@ -369,14 +386,9 @@ def _timeline(events: list[Event], mask: bool) -> list[_Line]:
             continue
         if (pressed := _record(event, "keys")) is not None:
             keys = str(pressed.get("digits", ""))
-            lines.append(_Line(at, "keys", f"caller pressed {keys}"))
-        elif (barge := _record(event, "barge_in")) is not None:
-            lines.append(_Line(at, "barge-in", f"caller talked over the agent ({barge.get('source')})"))
-        elif (restart := _record(event, "restart")) is not None:
-            lines.append(_Line(at, "restart", f"live session restarted (#{restart.get('restarts')})"))
-        elif (again := _record(event, "reconnect")) is not None:
-            lines.append(_Line(at, "reconnect", f"model reconnected (#{again.get('reconnects')})"))
-        elif (status := _record(event, "status")) is not None:
+        if (fact := _fact(event)) is not None:
+            lines.append(_Line(at, *fact))
+        if (status := _record(event, "status")) is not None:
             lines.append(_Line(at, "status", f"Twilio: {_status_text(status)}"))
         elif (end := _record(event, "end")) is not None:
             how = OUTCOME_TEXT.get(str(end.get("outcome")), str(end.get("outcome")))
