@@ -389,7 +389,7 @@ async def test_calls_that_never_reached_the_agent_are_in_the_history(
     db = tmp_path / "sessions.db"
     listed = (await _history(capsys, db, "list")).splitlines()
     [turned_away] = [line for line in listed if busy_sid in line]
-    assert "+15553334444" in turned_away and turned_away.endswith("turned away (busy)")
+    assert "+15553334444" in turned_away and turned_away.endswith("turned away (busy message)")
     [not_answered] = [line for line in listed if unanswered in line]
     assert "outbound-api" in not_answered and not_answered.endswith("not answered")
     assert "+15550002222" in not_answered  # who was called, not our own number

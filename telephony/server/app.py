@@ -254,7 +254,7 @@ def create_app(settings: Settings, spec: AgentSpec | None = None) -> Quart:
         """A call the agent never took is in the history too."""
         try:
             await history.store_unstarted(
-                sessions, spec.app.name, info, [], outcome="busy", reason=f"turned away: {reason}"
+                sessions, spec.app.name, info, [], outcome="turned_away", reason=reason
             )
         except Exception as exc:
             log.error("call %s: not kept in the history: %r", info.call_sid, exc)
