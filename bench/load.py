@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -92,12 +93,13 @@ class Server:
         the audio before it ran out: (bound in seconds, messages at most that late)."""
         with urllib.request.urlopen(self.url + "/metrics", timeout=5) as response:
             text = response.read().decode()
-        buckets = []
-        for line in text.splitlines():
-            if line.startswith("telephony_agent_audio_gap_seconds_bucket"):
-                bound = line.split('le="')[1].split('"')[0]
-                buckets.append((float(bound), int(line.rsplit(" ", 1)[1])))
-        return buckets
+        return [
+            (float(s.labels["le"]), int(s.value))
+            for family in text_string_to_metric_families(text)
+            if family.name == "telephony_agent_audio_gap_seconds"
+            for s in family.samples
+            if s.name.endswith("_bucket")
+        ]
 
     def cpu_s(self) -> float:
         with open(f"/proc/{self.proc.pid}/stat") as f:

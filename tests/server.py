@@ -18,6 +18,7 @@ from pathlib import Path
 
 from hypercorn.asyncio import serve
 from hypercorn.config import Config
+from prometheus_client.parser import text_string_to_metric_families
 from quart import Quart
 
 from telephony.call import CALL_TASKS
@@ -120,6 +121,31 @@ def echo_process(
                 proc.wait(15)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+"""A scrape's samples by name and labels."""
+
+
+def parse_metrics(text: str) -> Samples:
+    """A Prometheus exposition, read by prometheus-client's own parser."""
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def scrape(base_url: str) -> Samples:
+    with urllib.request.urlopen(f"{base_url}/metrics", timeout=5) as response:
+        return parse_metrics(response.read().decode())
+
+
+def sample(samples: Samples, name: str, *, before: bool = False, **labels: str) -> float:
+    """One sample's value. `before`: a labelled counter not counted yet reads 0 (else a
+    missing sample, a misspelt name, fails the test)."""
+    key = (name, frozenset(labels.items()))
+    return samples.get(key, 0.0) if before else samples[key]
 
 
 async def wait_until(predicate: Callable[[], object], timeout: float, what: str) -> None:

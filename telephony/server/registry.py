@@ -12,7 +12,7 @@ import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from ..call import Call, CallInfo, Handover
+from ..call import Call, CallInfo, Handover, Outcome
 from .metrics import Metrics
 
 __all__ = ["CallRegistry"]
@@ -61,6 +61,10 @@ class CallRegistry:
 
     def get(self, call_sid: str) -> Call | None:
         return self._calls.get(call_sid)
+
+    def active(self) -> list[Call]:
+        """The calls in progress (pre-started ones included)."""
+        return list(self._calls.values())
 
     def prestart(self, info: CallInfo) -> Call:
         """Called by the webhook: start the live session before the stream exists."""
@@ -129,7 +133,7 @@ class CallRegistry:
         if status.split()[0] in FINAL_STATUSES:
             self._over(call_sid, status)
             if (call := self._calls.get(call_sid)) is not None:  # e.g. hung up during the keys
-                call.end(f"Twilio reports the call {status}")
+                call.end(f"Twilio reports the call {status}", Outcome.HUNG_UP)
 
     def _over(self, call_sid: str, status: str = "never reported over by Twilio") -> None:
         if (timer := self._outbound.pop(call_sid, None)) is not None:
@@ -153,17 +157,10 @@ class CallRegistry:
         if call.handover is not None:  # before the socket closes and Twilio asks for it
             self._handovers[sid] = call.handover
             loop.call_later(HANDOVER_KEEP_S, self._handovers.pop, sid, None)
-        await call.close(call.end_reason)
+        await call.close(call.end_reason, call.outcome or Outcome.INTERNAL_ERROR)
+        # in one step, so that a scrape counts the call either as running or as ended
         self._forget(call)
-        m = self.metrics
-        m.calls_total += 1
-        m.barge_ins_total += call.barge_ins
-        m.false_barge_ins_total += call.false_barge_ins
-        m.model_restarts_total += call.model_restarts
-        m.model_reconnects_total += call.model_reconnects
-        m.caller_audio_dropped_s += call.caller_audio_dropped * 0.02
-        m.agent_audio_dropped_s += call.player.overflow_bytes / 8000
-        m.gaps.merge(call.player.gaps)
+        self.metrics.ended(call)
 
     def _forget(self, call: Call) -> None:
         if self._calls.get(call.info.call_sid) is call:
@@ -181,7 +178,7 @@ class CallRegistry:
                 call.info.call_sid,
                 self._timeout,
             )
-            self._spawn(call.close("media stream never connected"))
+            self._spawn(call.close("media stream never connected", Outcome.NO_STREAM))
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)
@@ -206,10 +203,15 @@ class CallRegistry:
         if remaining:
             log.info("drain time is up: saying goodbye to %d call(s)", len(remaining))
             await asyncio.gather(
-                *(call.end_with(goodbye, "server shutting down") for call in remaining)
+                *(
+                    call.end_with(goodbye, "server shutting down", Outcome.SHUTDOWN)
+                    for call in remaining
+                )
             )
         await self.close_all("server shutting down")
 
     async def close_all(self, reason: str) -> None:
-        await asyncio.gather(*(call.close(reason) for call in list(self._calls.values())))
+        """Ends every call at once: the server is shutting down."""
+        calls = list(self._calls.values())
+        await asyncio.gather(*(call.close(reason, Outcome.SHUTDOWN) for call in calls))
         await asyncio.gather(*self._tasks, return_exceptions=True)
