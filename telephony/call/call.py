@@ -256,6 +256,7 @@ class Call:
         """Set once the call is over, whoever ended it; the socket handler then hangs up."""
         self.end_reason = ""
         self.outcome: Outcome | None = None
+        """How the call ended, in a word (set with `end_reason`)."""
         self._last_media = clock()
         self._caller_audio_ended = False
         self._tasks: list[asyncio.Task[None]] = []

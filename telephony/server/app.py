@@ -121,7 +121,7 @@ def create_app(settings: Settings, spec: AgentSpec | None = None) -> Quart:
     app.extensions["telephony.runner"] = runner
     admission = Admission(settings.max_loop_busy, settings.call_cost)
     load = LoopMonitor(on_sample=lambda busy, now: admission.learn(busy, len(calls), now))
-    registry = metrics_registry(
+    exposed = metrics_registry(
         calls.metrics,
         calls.active,
         ServerFigures(
@@ -199,7 +199,7 @@ def create_app(settings: Settings, spec: AgentSpec | None = None) -> Quart:
     async def metrics() -> Response | tuple[str, int, dict[str, str]]:
         if not admin():
             return "a valid bearer token is required\n", 401, {"WWW-Authenticate": "Bearer"}
-        return Response(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(exposed), content_type=CONTENT_TYPE_LATEST)
 
     async def signed_form() -> dict[str, str] | tuple[str, int]:
         """A Twilio request's form, once its signature and CallSid are checked; else the
