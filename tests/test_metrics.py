@@ -79,7 +79,10 @@ async def test_figures_move_while_the_call_runs(server: RunningServer) -> None:
         spoken, _ = await say(sim, "stop")
         onset = spoken + speech_span_s("stop")[0]
         await wait_until(lambda: bool(sim.log.clears), 1, "a clear")
-        await asyncio.sleep(0.8)  # long enough to be a barge-in, not a held "mm-hm"
+        call = server.calls.get(sim.call_sid)
+        assert call is not None
+        # long enough to be a barge-in, not a held "mm-hm"
+        await wait_until(lambda: call.barge_ins == 1, 2, "the barge-in")
         barged = await _scrape(server)
         assert _rise(start, barged, f"{reaction}_count") == 1
         measured = _rise(start, barged, f"{reaction}_sum")

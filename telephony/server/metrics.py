@@ -13,6 +13,7 @@ the library on the path of every agent audio message: a `Counter.inc` cost 0.3 u
 through `Call`, whereas the collector is one place that knows what a call counts. A call's
 outcome is known only once it ends, which is when its figures move from "running" to "ended",
 in the same step as the registry forgets it, so a scrape never counts it twice or not at all.
+A scrape runs on the event loop: 0.4 ms with no call, 0.6 ms with 60 (development machine).
 
 Each app has its own `CollectorRegistry` (several apps in one process, as in the tests, do
 not collide).
