@@ -148,6 +148,22 @@ def sample(samples: Samples, name: str, *, before: bool = False, **labels: str) 
     return samples.get(key, 0.0) if before else samples[key]
 
 
+def rise(start: Samples, end: Samples, name: str, **labels: str) -> float:
+    """How much a sample grew from one scrape to a later one (where it must be)."""
+    return sample(end, name, **labels) - sample(start, name, before=True, **labels)
+
+
+def calls_ended(start: Samples, end: Samples, outcome: str, direction: str = "inbound") -> float:
+    """Calls that ended with `outcome` between two scrapes."""
+    return rise(start, end, "telephony_calls_total", direction=direction, outcome=outcome)
+
+
+async def scrape_idle(server: RunningServer) -> Samples:
+    """A scrape once no call is in progress: each call that ended is counted by then."""
+    await wait_until(lambda: not len(server.calls), 5, "the calls to end")
+    return await asyncio.to_thread(scrape, server.base_url)
+
+
 async def wait_until(predicate: Callable[[], object], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():

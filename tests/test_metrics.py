@@ -14,7 +14,17 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from telephony.testing.simulator import CallerSimulator, WebhookError, place_call
 
 from .audio_tools import speech_span_s
-from .server import RunningServer, Samples, running_server, sample, say, scrape, wait_until
+from .server import (
+    RunningServer,
+    Samples,
+    calls_ended,
+    rise,
+    running_server,
+    sample,
+    say,
+    scrape,
+    wait_until,
+)
 
 TOKEN = "test-auth-token"
 
@@ -47,11 +57,6 @@ async def _gone(server: RunningServer, sid: str) -> None:
     await wait_until(lambda: server.calls.get(sid) is None, 5, "the call to end")
 
 
-def _rise(start: Samples, end: Samples, name: str, **labels: str) -> float:
-    """How much a sample grew from one scrape to a later one (where it must be)."""
-    return sample(end, name, **labels) - sample(start, name, before=True, **labels)
-
-
 async def test_figures_move_while_the_call_runs(server: RunningServer) -> None:
     start = await _scrape(server)
     latency, reaction = "telephony_response_latency_seconds", "telephony_barge_in_reaction_seconds"
@@ -68,8 +73,8 @@ async def test_figures_move_while_the_call_runs(server: RunningServer) -> None:
         await wait_until(lambda: bool(_media_after(sim, speech_end)), 3, "the echo")
         heard_wait = _media_after(sim, speech_end)[0] - speech_end
         answered = await _scrape(server)
-        assert _rise(start, answered, f"{latency}_count") == 1
-        measured = _rise(start, answered, f"{latency}_sum")
+        assert rise(start, answered, f"{latency}_count") == 1
+        measured = rise(start, answered, f"{latency}_sum")
         print(f"response latency: {measured:.3f} s measured, {heard_wait:.3f} s heard")
         assert 0.3 < measured < 1.5
         assert abs(measured - heard_wait) < 0.15  # loopback: sent is received
@@ -84,19 +89,19 @@ async def test_figures_move_while_the_call_runs(server: RunningServer) -> None:
         # long enough to be a barge-in, not a held "mm-hm"
         await wait_until(lambda: call.barge_ins == 1, 2, "the barge-in")
         barged = await _scrape(server)
-        assert _rise(start, barged, f"{reaction}_count") == 1
-        measured = _rise(start, barged, f"{reaction}_sum")
+        assert rise(start, barged, f"{reaction}_count") == 1
+        measured = rise(start, barged, f"{reaction}_sum")
         print(f"barge-in reaction: {measured:.3f} s measured, {sim.log.clears[0] - onset:.3f} s")
         assert 0.02 < measured < 0.3
         assert abs(measured - (sim.log.clears[0] - onset)) < 0.1
-        assert _rise(start, barged, "telephony_clears_total") == len(sim.log.clears) == 1
-        assert _rise(start, barged, "telephony_barge_ins_total") == 1
-        assert _rise(start, barged, "telephony_agent_audio_gap_seconds_count") > 0
+        assert rise(start, barged, "telephony_clears_total") == len(sim.log.clears) == 1
+        assert rise(start, barged, "telephony_barge_ins_total") == 1
+        assert rise(start, barged, "telephony_agent_audio_gap_seconds_count") > 0
         assert sample(barged, "telephony_calls_active", direction="inbound") == 1
         await sim.hang_up()
     await _gone(server, sim.call_sid)
     end = await _scrape(server)
-    assert _rise(start, end, "telephony_calls_total", direction="inbound", outcome="hung_up") == 1
+    assert calls_ended(start, end, "hung_up") == 1
     assert sample(end, "telephony_calls_active", direction="inbound") == 0
     # what the call counted stays counted once it has ended
     for name in ("telephony_clears_total", f"{latency}_count", f"{reaction}_count"):
@@ -114,8 +119,7 @@ async def test_an_outbound_call_whose_stream_breaks_is_counted_as_such(
         await sim.close()  # the socket goes without Twilio's stop
     await _gone(server, sim.call_sid)
     end = await _scrape(server)
-    broken = {"direction": "outbound", "outcome": "stream_error"}
-    assert _rise(start, end, "telephony_calls_total", **broken) == 1
+    assert calls_ended(start, end, "stream_error", direction="outbound") == 1
     assert sample(end, "telephony_calls_active", direction="outbound") == 0
 
 
@@ -128,9 +132,8 @@ async def test_a_refused_call_is_counted_with_its_reason(server: RunningServer) 
         await sim.hang_up()
     await _gone(server, sim.call_sid)
     end = await _scrape(server)
-    assert _rise(start, end, "telephony_calls_refused_total", reason="max_calls") == 1
-    refused = {"direction": "inbound", "outcome": "refused"}
-    assert _rise(start, end, "telephony_calls_total", **refused) == 1
+    assert rise(start, end, "telephony_calls_refused_total", reason="max_calls") == 1
+    assert calls_ended(start, end, "refused") == 1
 
 
 def test_the_process_and_server_figures_are_there(server: RunningServer) -> None:

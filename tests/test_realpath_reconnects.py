@@ -18,7 +18,17 @@ from telephony.settings import Settings
 from telephony.testing.gemini_live import FaultPlan, GeminiLiveService
 
 from .audio_tools import best_correlation, pcm, speech_core, speech_span_s
-from .server import RunningServer, running_server, sample, say, scrape, wait_until
+from .server import (
+    RunningServer,
+    calls_ended,
+    rise,
+    running_server,
+    sample,
+    say,
+    scrape,
+    scrape_idle,
+    wait_until,
+)
 from .test_realpath import (
     _answered_across_a_reconnect,
     _call,
@@ -105,7 +115,7 @@ async def test_a_service_that_accepts_then_drops_gets_an_apology_and_few_connect
     server: RunningServer, gemini: GeminiLiveService
 ) -> None:
     first = len(gemini.connections)
-    reconnects = await asyncio.to_thread(_metric, server, "telephony_model_reconnects_total")
+    start = await scrape_idle(server)
     gemini.always(FaultPlan.drop())
     try:
         started = time.monotonic()
@@ -120,9 +130,9 @@ async def test_a_service_that_accepts_then_drops_gets_an_apology_and_few_connect
     assert len(opened) <= 8
     apology = pcm(asset("apology"))
     assert best_correlation(heard, apology)[0] > 0.9
-    await wait_until(lambda: server.calls.get(sim.call_sid) is None, 5, "the call to be reaped")
-    after = await asyncio.to_thread(_metric, server, "telephony_model_reconnects_total")
-    assert after - reconnects >= 3  # every reconnect and restart counted
+    end = await scrape_idle(server)
+    assert rise(start, end, "telephony_model_reconnects_total") >= 3  # each reconnect and restart
+    assert calls_ended(start, end, "model_failed") == 1
 
 
 async def test_after_a_go_away_mid_reply_the_answer_is_heard_once(
