@@ -416,6 +416,7 @@ async def test_the_agent_ends_the_call_once_its_goodbye_is_heard(
     """The model calls `end_call` and then says its last reply (3.x models answer the tool's
     result): the caller hears all of it, then the call is hung up."""
     first = len(gemini.connections)
+    start = await scrape_idle(server)
     gemini.plan(FaultPlan.tool_call("end_call", after_turns=1))
     async with _call(server) as sim:
         await _greeted(sim)
@@ -428,7 +429,7 @@ async def test_the_agent_ends_the_call_once_its_goodbye_is_heard(
     [response] = connection.tool_responses
     assert response["name"] == "end_call"
     assert "ending" in response["response"]["result"]
-    await wait_until(lambda: server.calls.get(sim.call_sid) is None, 5, "the call to end")
+    assert calls_ended(start, await scrape_idle(server), "agent_ended") == 1
 
 
 @pytest.fixture(scope="module")
