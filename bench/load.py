@@ -39,6 +39,7 @@ from prometheus_client.parser import text_string_to_metric_families
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from telephony.call.playback import UNDERRUN_S  # noqa: E402
 from telephony.testing.simulator import CallerSimulator, WebhookError, place_call  # noqa: E402
 from telephony.twilio.twiml import BUSY_MESSAGE  # noqa: E402
 from tests.audio_tools import fixture  # noqa: E402
@@ -47,8 +48,6 @@ from tests.server import free_port  # noqa: E402
 SPEECH = [fixture(name) for name in ("hello", "weather", "stop", "bonjour")]
 TURN_GAP_S = 1.0
 """Agent audio arriving this long after the previous piece ended starts a new turn."""
-UNDERRUN_S = 0.02
-"""Agent audio arriving this much (a frame) after the audio before it ran out is an underrun."""
 
 
 @dataclass

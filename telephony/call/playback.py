@@ -441,7 +441,8 @@ class Player:
                 name = str(self._mark_seq)
                 gap = max(0.0, now - ready)
                 self.gaps.observe(gap)
-                self.underruns += gap > UNDERRUN_S
+                if gap > UNDERRUN_S:
+                    self.underruns += 1
                 if self.waiting_since is not None:
                     self.response_latency.observe(now - self.waiting_since)
                     self.waiting_since = None
