@@ -421,10 +421,12 @@ class Call:
                 if self._held:
                     self._cleared()
                     self._log("holding agent audio (%s)", action.source)
+                    self._record("hold", source=action.source)
             elif isinstance(action, Resume):
                 if self._held:
                     self.false_barge_ins += 1
                     self._log("no interruption after all: agent audio plays on")
+                    self._record("resume")
                 self._held = False
                 self.player.resume()
             elif isinstance(action, Interrupt):
@@ -434,6 +436,7 @@ class Call:
                     self._cleared()
                     self.barge_ins += 1
                     self._log("barge-in (%s): cleared playback", action.source)
+                    self._record("barge_in", source=action.source)
                     reply = self._reply
                     if (
                         action.by_caller
@@ -550,15 +553,21 @@ class Call:
             note.generated_s,
         )
         self.live.send_note(note.text, note.record())
+        self._record("heard", **note.record())
 
     def _on_reconnect(self) -> bool:
         """A new live connection replaced the old one, whose turn ended without turn_complete:
         the agent is not talking any more. True when the caller is owed an answer (they spoke
         and none came, or it was cut off)."""
         owed = self.turns.generating or self.turns.awaiting_reply_since is not None
+        self._record("reconnect", restarts=self.live.restarts, reconnects=self.live.reconnects)
         self.turns.handle(SESSION_RESTARTED)
         self._reply_done()
         return owed
+
+    def _record(self, event: str, **fields: object) -> None:
+        if self.recorder is not None:
+            self.recorder.call_event(event, **fields)
 
     def _on_agent_audio(self, pcm: bytes, mime_type: str) -> None:
         if mime_type.replace(" ", "") != AGENT_AUDIO_MIME:
