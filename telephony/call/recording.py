@@ -331,6 +331,8 @@ class HeardWav:
         self._left = np.zeros(0, np.int16)
         self._right = np.zeros(0, np.int16)
         self._play_end = 0
+        self._end = 0
+        """Just past the last sample written (the buffers grow ahead of it)."""
 
     def _ensure(self, end: int) -> None:
         need = end - self._base
@@ -344,6 +346,7 @@ class HeardWav:
             pcm = pcm[self._base - at :]
             at = self._base
         self._ensure(at + len(pcm))
+        self._end = max(self._end, at + len(pcm))
         getattr(self, channel)[at - self._base : at - self._base + len(pcm)] = pcm
 
     def caller(self, at: int, mulaw: bytes) -> None:
@@ -372,7 +375,7 @@ class HeardWav:
 
     def finish(self) -> None:
         """Writes what is left and the final header; the file stays open."""
-        self.commit(max(self._base + len(self._left), self._play_end))
+        self.commit(max(self._end, self._play_end))
         self._file.seek(0)
         self._file.write(_wav_header(self._base))
 
