@@ -563,5 +563,9 @@ def write_report(call: str, out: str | Path | None, record_dir: str | Path | Non
     except ValueError as exc:
         raise ReportError(str(exc)) from exc
     target = Path(out) if out else Path(f"{recording.header['call_sid']}.html")
-    target.write_text(render(build_report(recording)), encoding="utf-8")
+    page = render(build_report(recording))
+    try:
+        target.write_text(page, encoding="utf-8")
+    except OSError as exc:
+        raise ReportError(f"{target}: cannot write: {exc}") from exc
     return target
