@@ -69,6 +69,17 @@ LABELS = {
     "mark": "mark sent",
     "played": "mark played (echoed)",
 }
+COUNTED = (
+    ("barge_in", "barge-ins"),
+    ("clear", "clears"),
+    ("interrupted", "model interruptions"),
+    ("dtmf", "keys"),
+    ("tool_call", "tool calls"),
+    ("restart", "restarts"),
+    ("reconnect", "reconnects"),
+    ("mark", "marks sent"),
+    ("played", "marks played"),
+)
 GLYPHS = {
     "start": "▶",
     "stop": "■",
@@ -479,14 +490,7 @@ def render(report: CallReport, columns: int = COLUMNS) -> str:
         ("length", f"{d:.1f} s"),
         ("ended", report.end_reason or "(no end recorded: the recording stops here)"),
         ("response latency", _latency_summary(report.responses)),
-        (
-            "counts",
-            f"{report.count('barge_in')} barge-ins, {report.count('clear')} clears, "
-            f"{report.count('interrupted')} model interruptions, {report.count('dtmf')} keys, "
-            f"{report.count('tool_call')} tool calls, {report.count('restart')} restarts, "
-            f"{report.count('reconnect')} reconnects, {report.count('mark')} marks sent, "
-            f"{report.count('played')} played",
-        ),
+        ("counts", ", ".join(f"{name} {report.count(kind)}" for kind, name in COUNTED)),
     ]
     if report.truncated:
         facts.append(("note", "the recording's last line was cut short (a crash?)"))
