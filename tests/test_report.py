@@ -12,8 +12,13 @@ from typing import Any
 
 import numpy as np
 import pytest
+from google.adk.agents.run_config import RunConfig
+from google.adk.runners import Runner
+from google.adk.sessions import InMemorySessionService
 
+from telephony.agents.echo import echo_app
 from telephony.audio import mulaw_decode, mulaw_encode
+from telephony.call import Call, CallInfo, CallOptions
 from telephony.call.recording import load_recording
 from telephony.cli import main
 from telephony.server.report import (
@@ -24,6 +29,7 @@ from telephony.server.report import (
     write_report,
 )
 from telephony.testing.replay import replay_in_process
+from telephony.testing.virtual_clock import run_virtual
 
 CALLS = Path(__file__).parent / "calls"
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -198,6 +204,32 @@ def test_reconnects_and_restarts_are_told_apart(tmp_path: Path) -> None:
     report = build_report(load_recording(_write(tmp_path, entries)))
     kinds = [(m.kind, m.t) for m in report.markers if m.kind != "start"]
     assert kinds == [("reconnect", 1.0), ("restart", 2.0), ("tool_call", 3.5)]
+
+
+def test_a_calls_new_live_connections_are_recorded(tmp_path: Path) -> None:
+    """ADK's reconnect and the supervisor's restart both reach the call as a reopened
+    connection; the recording says which, by the restarts counted so far."""
+
+    async def main() -> Path:
+        runner = Runner(app=echo_app(), session_service=InMemorySessionService())
+        call = Call(
+            CallInfo(SID, "+1", "+2"),
+            runner=runner,
+            run_config=RunConfig(),
+            options=CallOptions(record_dir=tmp_path),
+        )
+        assert call.recorder is not None
+        call._on_reconnect()
+        call.live.restarts = 1
+        call._on_reconnect()
+        call.recorder.close("test")
+        return call.recorder.path
+
+    recording = load_recording(run_virtual(main()))
+    [first, second] = [e.data for e in recording.entries if e.kind == "call"]
+    assert (first["event"], first["restarts"], second["restarts"]) == ("reconnect", 0, 1)
+    report = build_report(recording)
+    assert [m.kind for m in report.markers if m.kind != "end"] == ["reconnect", "restart"]
 
 
 @pytest.mark.parametrize("path", sorted(CALLS.glob("*.jsonl.gz")), ids=lambda p: p.name)
