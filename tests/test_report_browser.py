@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
@@ -218,7 +219,16 @@ PLAYHEAD = """(() => {
 })()"""
 
 
-async def _check_page(page: Path, entries: list[dict[str, Any]], shot: Path) -> None:
+LANE = """((name, at, n) => {
+  const lane = window.callReport.lane(name);
+  return {length: lane.length, nonzero: lane.filter((x) => x !== 0).length,
+    slice: Array.from(lane.subarray(at, at + n), (x) => Math.round(x * 32768))};
+})"""
+
+
+async def _check_page(
+    page: Path, entries: list[dict[str, Any]], lanes: dict[str, np.ndarray], shot: Path
+) -> None:
     async with browser(page.parent / "profile") as tools:
         target = await tools.send("Target.createTarget", url="about:blank")
         attached = await tools.send(
@@ -257,6 +267,12 @@ async def _check_page(page: Path, entries: list[dict[str, Any]], shot: Path) -> 
             near = [m for m in shown if m["kind"] == kind and abs(m["t"] - t) < 1e-3]
             assert near, f"no {kind} marker at {t:.3f} s"
             assert any(abs(m["x"] - x) <= PIXEL for m in near), (kind, t, x, near)
+        for name, samples in lanes.items():  # the page decodes the audio it plays exactly
+            at = int(np.argmax(np.abs(samples))) // 2
+            decoded = await tools.evaluate(session, f"{LANE}('{name}', {at}, 2000)")
+            assert decoded["length"] == len(samples)
+            assert decoded["nonzero"] == np.count_nonzero(samples)
+            assert decoded["slice"] == samples[at : at + 2000].tolist()
         assert sorted(found["rows"]) == sorted(list(line) for line in _finished_lines(entries))
 
         # playing moves the playhead; a click on a lane seeks there
@@ -314,8 +330,10 @@ def test_a_recorded_calls_report_in_chromium(name: str, tmp_path: Path) -> None:
     _chromium()
     path = CALLS / f"{name}.jsonl.gz"
     page = tmp_path / f"{name}.html"
-    page.write_text(render(build_report(load_recording(path))))
-    asyncio.run(_check_page(page, _raw(path), _artifact(tmp_path, f"report-{name}.png")))
+    report = build_report(load_recording(path))
+    page.write_text(render(report))
+    lanes = {"caller": report.caller, "agent": report.agent}
+    asyncio.run(_check_page(page, _raw(path), lanes, _artifact(tmp_path, f"report-{name}.png")))
 
 
 def test_a_replayed_barge_in_with_the_bridges_decisions_in_chromium(tmp_path: Path) -> None:
@@ -327,6 +345,8 @@ def test_a_replayed_barge_in_with_the_bridges_decisions_in_chromium(tmp_path: Pa
     entries = [e.data for e in result.recording.entries]
     assert {"hold", "barge_in"} <= {e.get("event") for e in entries if e["kind"] == "call"}
     page = tmp_path / "late_barge_in.html"
-    page.write_text(render(build_report(result.recording)))
+    report = build_report(result.recording)
+    page.write_text(render(report))
     assert '<s class="unheard"' in page.read_text()
-    asyncio.run(_check_page(page, entries, _artifact(tmp_path, "report-late_barge_in.png")))
+    lanes = {"caller": report.caller, "agent": report.agent}
+    asyncio.run(_check_page(page, entries, lanes, _artifact(tmp_path, "report-late_barge_in.png")))

@@ -22,9 +22,13 @@
   let startedAt = 0;
   let offset = 0;
 
-  function lane(segments, length) {
-    const out = new Float32Array(length);
-    for (const [start, text] of segments) {
+  const length = Math.max(1, Math.ceil(duration * data.rate));
+  const decoded = {};
+
+  function lane(name) {
+    if (decoded[name]) return decoded[name];
+    const out = decoded[name] = new Float32Array(length);
+    for (const [start, text] of data.lanes[name]) {
       const bytes = atob(text);
       for (let i = 0; i < bytes.length && start + i < length; i++) {
         out[start + i] = ULAW[bytes.charCodeAt(i)];
@@ -38,11 +42,10 @@
     const Context = window.AudioContext || window.webkitAudioContext;
     if (!Context) return false;
     context = new Context();
-    const length = Math.max(1, Math.ceil(duration * data.rate));
     buffers = {};
     for (const name of ["caller", "agent"]) {
       const buffer = context.createBuffer(1, length, data.rate);
-      buffer.copyToChannel(lane(data.lanes[name], length), 0);
+      buffer.copyToChannel(lane(name), 0);
       buffers[name] = buffer;
     }
     return true;
@@ -131,6 +134,6 @@
     });
   }
   pauseButton.addEventListener("click", pause);
-  window.callReport = { seek, play, pause, position, duration };
+  window.callReport = { seek, play, pause, position, duration, lane };
   requestAnimationFrame(frame);
 })();
