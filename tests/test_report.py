@@ -19,7 +19,7 @@ from google.adk.sessions import InMemorySessionService
 from telephony.agents.echo import echo_app
 from telephony.audio import mulaw_decode, mulaw_encode
 from telephony.call import Call, CallInfo, CallOptions
-from telephony.call.recording import load_recording
+from telephony.call.recording import CallRecorder, load_recording
 from telephony.cli import main
 from telephony.server.report import (
     build_report,
@@ -30,6 +30,7 @@ from telephony.server.report import (
 )
 from telephony.testing.replay import replay_in_process
 from telephony.testing.virtual_clock import run_virtual
+from telephony.twilio.media_stream import Media, Start
 
 CALLS = Path(__file__).parent / "calls"
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -147,6 +148,45 @@ def test_the_agent_lane_is_what_the_caller_heard_cut_at_a_clear(tmp_path: Path) 
     assert (heard[0], heard[-1] + 1) == (4000, 12000)  # from 0.5 s to the clear at 1.5 s
     assert set(caller[np.flatnonzero(caller)]) == set(np.frombuffer(mulaw_decode(said), np.int16))
     assert (np.flatnonzero(caller)[0], len(np.flatnonzero(caller))) == (1900 * 8, 160)
+
+
+def test_the_lanes_are_the_recorders_wav_even_across_a_second_stream(tmp_path: Path) -> None:
+    """A second media stream (Twilio reconnected it, or the agent pressed keys) starts its
+    timestamps at 0 again: its audio goes on from where it began, in the recorder's WAV as in
+    the report's lanes."""
+    now = [10.0]
+    recorder = CallRecorder(
+        tmp_path, call_sid=SID, caller="+1", callee="+2", agent="test", clock=lambda: now[0]
+    )
+
+    def stream(at: float, level: int, frames: int) -> None:
+        now[0] = 10.0 + at
+        recorder.twilio_in(Start(1, "MZ1", "AC1", SID, ("inbound",), {}))
+        for k in range(frames):
+            now[0] = 10.0 + at + k * 0.02 + 0.001
+            frame = mulaw_encode(np.full(160, level, "<i2").tobytes())
+            recorder.twilio_in(Media(2 + k, "MZ1", "inbound", 1 + k, 20 * k, frame))
+
+    def agent(at: float, level: int) -> None:
+        now[0] = 10.0 + at
+        payload = base64.b64encode(mulaw_encode(np.full(2000, level, "<i2").tobytes())).decode()
+        recorder.twilio_out(
+            json.dumps({"event": "media", "streamSid": "MZ1", "media": {"payload": payload}})
+        )
+
+    stream(0.5, 1000, 50)
+    agent(1.0, 3000)
+    stream(3.0, -1000, 25)
+    agent(3.25, -3000)
+    now[0] = 14.0
+    recorder.close("test")
+    wav = np.frombuffer(recorder.wav_path.read_bytes()[44:], "<i2").reshape(-1, 2)
+    caller, agent_lane = heard_audio(load_recording(recorder.path))
+    assert np.array_equal(wav[:, 0], caller) and np.array_equal(wav[:, 1], agent_lane)
+    loud = np.flatnonzero(caller < 0)
+    assert (loud[0], loud[-1] + 1) == (2.5 * 8000, 3.0 * 8000)  # 0.5 s of it, 2.5 s in
+    assert (np.flatnonzero(caller > 0)[[0, -1]] + [0, 1]).tolist() == [0, 8000]
+    assert np.flatnonzero(agent_lane < 0)[0] == 2.75 * 8000
 
 
 def test_peaks_are_each_columns_extremes() -> None:

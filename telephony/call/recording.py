@@ -242,6 +242,8 @@ class CallRecorder:
         self._wav = HeardWav(open(self.wav_path, "wb"))  # noqa: SIM115
         self._call_sid = call_sid
         self._stream_start: float | None = None
+        self._stream_at = 0
+        """Where the current media stream began in the WAV (its timestamps start at 0)."""
         self._line(
             json.dumps(
                 {
@@ -282,9 +284,11 @@ class CallRecorder:
         now = self._now() if at is None else at - self._t0
         self._line(f'{{"t":{now:.4f},"kind":"in","msg":{event.to_json()}}}')
         if isinstance(event, Start):
-            self._stream_start = now
+            if self._stream_start is None:
+                self._stream_start = now
+            self._stream_at = self._samples(now)
         elif isinstance(event, Media) and self._stream_start is not None:
-            self._wav.caller(event.timestamp * RATE // 1000, event.payload)
+            self._wav.caller(self._stream_at + event.timestamp * RATE // 1000, event.payload)
 
     def twilio_out(self, message: str) -> None:
         now = self._now()
