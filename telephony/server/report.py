@@ -434,9 +434,9 @@ def render(report: CallReport, columns: int = COLUMNS) -> str:
         f"{esc(m.detail) if m.kind == 'dtmf' else ''}</span></div>"
         for m, row in zip(events, _levels(events, d), strict=True)
     )
-    mark_row = "".join(
+    mark_row = "".join(  # one per media message: kept lean (no tooltip on a hairline)
         f'<div class="marker k-{m.kind}" data-kind="{m.kind}" data-t="{m.t:.4f}" '
-        f'style="left:{_pct(m.t, d)}" title="{esc(_fmt_time(m.t))} {esc(m.label)}"></div>'
+        f'style="left:{_pct(m.t, d)}"></div>'
         for m in marks
     )
     ticks = "".join(
@@ -451,7 +451,8 @@ def render(report: CallReport, columns: int = COLUMNS) -> str:
         f"{''.join(lanes)}"
         f'<div class="lane" id="latencies"><div class="gutter">latency</div>'
         f'<div class="plot">{spans}{latency_row}</div></div>'
-        f'<div class="lane" id="marks"><div class="gutter">marks</div>'
+        '<div class="lane" id="marks"><div class="gutter" title="marks sent (top) and played '
+        '(bottom)">marks</div>'
         f'<div class="plot">{mark_row}</div></div>'
         '<div id="overlay"><div class="gutter"></div><div class="plot" id="seek">'
         + "".join(
