@@ -287,7 +287,7 @@ def _lines(recording: Recording) -> list[Line]:
     """Finished transcriptions in order, each at its first words; the agent's with the part
     the caller never heard, from the recorded heard-notes."""
     lines: list[Line] = []
-    first: dict[str, float | None] = {"caller": None, "agent": None}
+    first: dict[str, float] = {}
     pieces: dict[str, str] = {"caller": "", "agent": ""}
     notes: list[tuple[float, dict[str, Any]]] = []
     for entry in recording.entries:
@@ -298,16 +298,17 @@ def _lines(recording: Recording) -> list[Line]:
             continue
         who = "caller" if data["event"] == "input_transcription" else "agent"
         text = str(data.get("text", ""))
-        if first[who] is None and (text or data.get("finished")):
-            first[who] = entry.t
+        if text or data.get("finished"):
+            first.setdefault(who, entry.t)
         pieces[who] = text if data.get("finished") else pieces[who] + text
         if data.get("finished"):
             if pieces[who].strip():
-                lines.append(Line(first[who] or entry.t, who, pieces[who].strip()))
-            first[who], pieces[who] = None, ""
+                lines.append(Line(first[who], who, pieces[who].strip()))
+            first.pop(who, None)
+            pieces[who] = ""
     for who, text in pieces.items():  # the call ended mid-sentence
         if text.strip():
-            lines.append(Line(first[who] or 0.0, who, text.strip()))
+            lines.append(Line(first[who], who, text.strip()))
     lines.sort(key=lambda line: line.t)
     for t, note in notes:
         index = _noted_line(lines, t, note)
