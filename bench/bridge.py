@@ -19,7 +19,7 @@ from google.adk.events import Event  # noqa: E402
 from google.genai import types  # noqa: E402
 
 from telephony.agents import phone_run_config, warm_up  # noqa: E402
-from telephony.call import Call, CallInfo, CallOptions  # noqa: E402
+from telephony.call import Call, CallInfo, CallOptions, Outcome  # noqa: E402
 from telephony.settings import Settings  # noqa: E402
 from telephony.twilio.media_stream import Media, Start  # noqa: E402
 from tests.audio_tools import line_noise  # noqa: E402
@@ -105,7 +105,7 @@ async def one_call(n: int, seconds: float, frame_lat: list[float], out_lat: list
         tick += 1
         await asyncio.sleep(max(0.0, start + tick * 0.02 - time.perf_counter()))
     await asyncio.sleep(0.1)
-    await call.close("benchmark over")
+    await call.close("benchmark over", Outcome.SHUTDOWN)
     assert len(sent_at) == len(runner.delivered), (len(sent_at), len(runner.delivered))
     out_lat.extend(s - i for s, i in zip(sent_at, runner.delivered, strict=True))
 

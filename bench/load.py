@@ -34,10 +34,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from telephony.call.playback import UNDERRUN_S  # noqa: E402
 from telephony.testing.simulator import CallerSimulator, WebhookError, place_call  # noqa: E402
 from telephony.twilio.twiml import BUSY_MESSAGE  # noqa: E402
 from tests.audio_tools import fixture  # noqa: E402
@@ -46,8 +48,6 @@ from tests.server import free_port  # noqa: E402
 SPEECH = [fixture(name) for name in ("hello", "weather", "stop", "bonjour")]
 TURN_GAP_S = 1.0
 """Agent audio arriving this long after the previous piece ended starts a new turn."""
-UNDERRUN_S = 0.02
-"""Agent audio arriving this much (a frame) after the audio before it ran out is an underrun."""
 
 
 @dataclass
@@ -92,12 +92,13 @@ class Server:
         the audio before it ran out: (bound in seconds, messages at most that late)."""
         with urllib.request.urlopen(self.url + "/metrics", timeout=5) as response:
             text = response.read().decode()
-        buckets = []
-        for line in text.splitlines():
-            if line.startswith("telephony_agent_audio_gap_seconds_bucket"):
-                bound = line.split('le="')[1].split('"')[0]
-                buckets.append((float(bound), int(line.rsplit(" ", 1)[1])))
-        return buckets
+        return [
+            (float(s.labels["le"]), int(s.value))
+            for family in text_string_to_metric_families(text)
+            if family.name == "telephony_agent_audio_gap_seconds"
+            for s in family.samples
+            if s.name.endswith("_bucket")
+        ]
 
     def cpu_s(self) -> float:
         with open(f"/proc/{self.proc.pid}/stat") as f:

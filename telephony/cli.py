@@ -1,7 +1,7 @@
 """The `telephony` command: `serve [AGENT]` runs the phone server under hypercorn,
 `simulate CALLER.wav` places a simulated call, `call NUMBER [AGENT]` has Twilio call a number
-for the running server (or for AGENT, served here for that one call), `calls list` / `calls
-show CALL_SID` print the call history."""
+for the running server (or for AGENT, served here for that one call), `report CALL` writes a
+recorded call's report page, `calls list` / `calls show CALL_SID` print the call history."""
 
 from __future__ import annotations
 
@@ -166,6 +166,16 @@ def _parser() -> argparse.ArgumentParser:
         help="the caller ID: a number of your Twilio account or a verified caller ID "
         "(default TELEPHONY_CALLER_ID)",
     )
+    report = commands.add_parser(
+        "report", help="write a recorded call's report page: one self-contained HTML file"
+    )
+    report.add_argument(
+        "call", help="a recording (CALLSID.jsonl or .jsonl.gz), or a call SID in --record-dir"
+    )
+    report.add_argument("-o", "--out", help="the HTML file to write (default: CALLSID.html here)")
+    report.add_argument(
+        "--record-dir", metavar="DIR", help="where calls are recorded (TELEPHONY_RECORD_DIR)"
+    )
     calls = commands.add_parser("calls", help="the call history, from the session store")
     history = calls.add_subparsers(dest="calls_command", required=True)
     listing = history.add_parser("list", help="one line per call, latest first")
@@ -191,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         return _simulate(args)
     if args.command == "call" and args.agent is None:
         return _call(args)
+    if args.command == "report":
+        return _report(args)
     if args.command == "calls":
         return _calls(args)
     try:
@@ -278,6 +290,18 @@ def _call(args: argparse.Namespace) -> int:
         print(f"telephony: {exc}", file=sys.stderr)
         return 1
     print(sid)
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .server.report import ReportError, write_report
+
+    try:
+        settings = Settings.from_env(record_dir=args.record_dir)
+        print(write_report(args.call, args.out, settings.record_dir))
+    except (SettingsError, ReportError) as exc:
+        print(f"telephony: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

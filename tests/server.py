@@ -18,6 +18,7 @@ from pathlib import Path
 
 from hypercorn.asyncio import serve
 from hypercorn.config import Config
+from prometheus_client.parser import text_string_to_metric_families
 from quart import Quart
 
 from telephony.call import CALL_TASKS
@@ -120,6 +121,47 @@ def echo_process(
                 proc.wait(15)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+"""A scrape's samples by name and labels."""
+
+
+def parse_metrics(text: str) -> Samples:
+    """A Prometheus exposition, read by prometheus-client's own parser."""
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def scrape(base_url: str) -> Samples:
+    with urllib.request.urlopen(f"{base_url}/metrics", timeout=5) as response:
+        return parse_metrics(response.read().decode())
+
+
+def sample(samples: Samples, name: str, *, before: bool = False, **labels: str) -> float:
+    """One sample's value. `before`: a labelled counter not counted yet reads 0 (else a
+    missing sample, a misspelt name, fails the test)."""
+    key = (name, frozenset(labels.items()))
+    return samples.get(key, 0.0) if before else samples[key]
+
+
+def rise(start: Samples, end: Samples, name: str, **labels: str) -> float:
+    """How much a sample grew from one scrape to a later one (where it must be)."""
+    return sample(end, name, **labels) - sample(start, name, before=True, **labels)
+
+
+def calls_ended(start: Samples, end: Samples, outcome: str, direction: str = "inbound") -> float:
+    """Calls that ended with `outcome` between two scrapes."""
+    return rise(start, end, "telephony_calls_total", direction=direction, outcome=outcome)
+
+
+async def scrape_idle(server: RunningServer) -> Samples:
+    """A scrape once no call is in progress: each call that ended is counted by then."""
+    await wait_until(lambda: not len(server.calls), 5, "the calls to end")
+    return await asyncio.to_thread(scrape, server.base_url)
 
 
 async def wait_until(predicate: Callable[[], object], timeout: float, what: str) -> None:

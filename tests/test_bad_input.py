@@ -16,7 +16,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 import telephony.server.app
-from telephony.call import CallInfo
+from telephony.call import CallInfo, Outcome
 from telephony.testing.simulator import place_call
 from telephony.twilio.media_stream import Media, Start, Stop
 
@@ -191,9 +191,10 @@ async def test_a_failed_write_to_twilio_ends_the_call_without_raising() -> None:
     class Ended:
         info = CallInfo("CA" + "9" * 32, "", "")
         reason = ""
+        outcome: Outcome | None = None
 
-        def end(self, reason: str) -> None:
-            self.reason = reason
+        def end(self, reason: str, outcome: Outcome) -> None:
+            self.reason, self.outcome = reason, outcome
 
     async def broken(text: str) -> None:
         raise ConnectionResetError("peer gone")
@@ -203,6 +204,7 @@ async def test_a_failed_write_to_twilio_ends_the_call_without_raising() -> None:
     await send("{}")
     await send("{}")  # a dead socket is not written to again
     assert call.reason == "Twilio socket failed"
+    assert call.outcome == Outcome.STREAM_ERROR
 
 
 async def test_a_stream_for_a_call_that_ended_here_is_closed_not_restarted(

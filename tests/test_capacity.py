@@ -20,7 +20,7 @@ from telephony.settings import Settings, SettingsError
 from telephony.testing.simulator import WebhookError, place_call
 from telephony.twilio.twiml import BUSY_MESSAGE
 
-from .server import running_server
+from .server import parse_metrics, running_server, sample
 
 
 async def _voice(app, sid: str) -> ET.Element:  # type: ignore[no-untyped-def]
@@ -103,17 +103,16 @@ def test_metrics_after_a_call() -> None:
             response = await app.test_client().get("/metrics")
             return await response.get_data(as_text=True)
 
-    text = run_virtual(call())
-    values = dict(line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))
-    assert values["telephony_calls_total"] == "1"
-    assert values["telephony_calls_active"] == "0"
-    assert values["telephony_session_events_lost_total"] == "0"
-    assert int(values["telephony_agent_audio_gap_seconds_count"]) > 20
+    samples = parse_metrics(run_virtual(call()))
+    assert sample(samples, "telephony_calls_total", direction="inbound", outcome="hung_up") == 1
+    assert sample(samples, "telephony_calls_active", direction="inbound") == 0
+    assert sample(samples, "telephony_session_events_lost_total") == 0
+    gaps = sample(samples, "telephony_agent_audio_gap_seconds_count")
+    assert gaps > 20
     # on a virtual clock nothing is ever late: every message in the first bucket
-    assert (
-        values['telephony_agent_audio_gap_seconds_bucket{le="0.001"}']
-        == values["telephony_agent_audio_gap_seconds_count"]
-    )
+    assert sample(samples, "telephony_agent_audio_gap_seconds_bucket", le="0.001") == gaps
+    assert sample(samples, "telephony_agent_audio_underruns_total") == 0
+    assert sample(samples, "telephony_response_latency_seconds_count") == 1
 
 
 def _fill(admission: Admission, calls: int, now: float) -> int:

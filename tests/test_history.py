@@ -19,7 +19,8 @@ from google.genai import types
 
 from telephony.agents import AgentSpec, phone_run_config
 from telephony.agents.echo import EchoFaults, echo_app
-from telephony.call.record import CallRecord, end_event, outcome_of, record_event, status_event
+from telephony.call import Outcome
+from telephony.call.record import CallRecord, end_event, record_event, status_event
 from telephony.cli import main
 from telephony.server.app import create_app
 from telephony.server.history import (
@@ -107,7 +108,8 @@ def _transferred_call() -> Session:
                 )
             ),
         ),
-        _at(record_event("restart", {"restarts": 1}), 9.0),
+        _at(record_event("reconnect", {"restarts": 0, "reconnects": 1}), 8.5),
+        _at(record_event("reconnect", {"restarts": 1, "reconnects": 2}), 9.0),
         _at(record_event("status", {"StreamEvent": "stream-stopped"}), 10.0),
         _at(
             end_event(
@@ -153,6 +155,7 @@ def test_a_call_reads_as_a_timeline_from_its_start() -> None:
             "    0:07.0  keys      caller pressed 1#",
             "    0:08.0  tool      transfer_call(transfer_to='+15557654321')",
             "    0:08.1  result    transfer_call: Transferring the caller.",
+            "    0:08.5  reconnect model reconnected (#1)",
             "    0:09.0  restart   live session restarted (#1)",
             "    0:10.0  status    Twilio: stream-stopped",
             "    0:10.5  end       transferred to +15557654321",
@@ -227,24 +230,6 @@ def test_an_unknown_call_or_a_bad_limit_is_an_error() -> None:
     with pytest.raises(BadQuery):
         asyncio.run(calls_text(sessions, "a", limit=-1))
     assert asyncio.run(calls_text(sessions, "a")).startswith("(no calls of the agent 'a'")
-
-
-@pytest.mark.parametrize(
-    ("reason", "outcome"),
-    [
-        ("caller hung up (stop)", "hung_up"),
-        ("the agent ended the call", "end_call"),
-        ("transferred to +*******4321", "transferred"),
-        ("the call reached its time limit", "time_limit"),
-        ("the caller stayed silent", "idle"),
-        ("server shutting down", "shutdown"),
-        ("Twilio socket stalled", "stream_error"),
-        ("Twilio reports the call completed", "hung_up"),
-        ("internal error in pump-CA1", "error"),
-    ],
-)
-def test_end_reasons_become_outcomes(reason: str, outcome: str) -> None:
-    assert outcome_of(reason) == outcome
 
 
 def test_the_command_needs_a_session_database(
@@ -499,7 +484,7 @@ def test_a_call_s_record_waits_for_its_session_keeps_order_and_counts_losses() -
         record.append(status_event({"StreamEvent": "stream-error"}))
         live.append((sessions, stored))
         record.event("barge_in", source="caller speech")
-        record.end("caller hung up (stop)", direction="inbound")
+        record.end("caller hung up (stop)", Outcome.HUNG_UP, "inbound")
         await record.close(lambda: asyncio.sleep(0))
         record.append(status_event({"CallStatus": "completed"}))  # Twilio's last word, after
 
@@ -507,7 +492,7 @@ def test_a_call_s_record_waits_for_its_session_keeps_order_and_counts_losses() -
         after = await sessions.get_session(app_name="a", user_id="u", session_id="CA1")
         assert after is not None
         kinds = [next(iter(e.custom_metadata or {})) for e in after.events]
-        assert after.state["telephony_outcome"] == "stream_error"  # no hang-up: Twilio said so
+        assert after.state["telephony_outcome"] == "hung_up"
         times = [e.timestamp for e in after.events]
         assert times == sorted(times)
 

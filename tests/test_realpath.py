@@ -36,7 +36,7 @@ from telephony.testing.simulator import (
 )
 
 from .audio_tools import best_correlation, fixture, pcm, speech_core, speech_span_s
-from .server import RunningServer, running_server, say, wait_until
+from .server import RunningServer, calls_ended, running_server, say, scrape_idle, wait_until
 
 AGENTS = Path(__file__).parent / "agents"
 STALL_S = 4.0
@@ -417,6 +417,7 @@ async def test_the_agent_ends_the_call_once_its_goodbye_is_heard(
     """The model calls `end_call` and then says its last reply (3.x models answer the tool's
     result): the caller hears all of it, then the call is hung up."""
     first = len(gemini.connections)
+    start = await scrape_idle(server)
     gemini.plan(FaultPlan.tool_call("end_call", after_turns=1))
     async with _call(server) as sim:
         await _greeted(sim)
@@ -429,7 +430,7 @@ async def test_the_agent_ends_the_call_once_its_goodbye_is_heard(
     [response] = connection.tool_responses
     assert response["name"] == "end_call"
     assert "ending" in response["response"]["result"]
-    await wait_until(lambda: server.calls.get(sim.call_sid) is None, 5, "the call to end")
+    assert calls_ended(start, await scrape_idle(server), "agent_ended") == 1
 
 
 @pytest.fixture(scope="module")
@@ -450,6 +451,7 @@ async def test_the_agent_transfers_the_caller_once_its_handover_line_is_heard(
     then Twilio (asking the <Connect action>) dials the target; the session says where the
     caller went."""
     first = len(gemini.connections)
+    start = await scrape_idle(transfer_server)
     target = {"transfer_to": "+1 555 765 4321"}
     gemini.plan(FaultPlan.tool_call("transfer_call", target, after_turns=1))
     async with _call(transfer_server) as sim:
@@ -464,6 +466,8 @@ async def test_the_agent_transfers_the_caller_once_its_handover_line_is_heard(
     events = _session(transfer_server, sim.call_sid).events
     said = [p.function_response for e in events for p in (e.content.parts if e.content else [])]
     assert any(r and r.name == "transfer_call" and "+15557654321" in str(r.response) for r in said)
+    end = await scrape_idle(transfer_server)
+    assert calls_ended(start, end, "transferred") == 1
 
 
 async def test_a_transfer_outside_the_allow_list_is_refused_and_the_call_goes_on(
@@ -517,10 +521,13 @@ async def test_a_silent_caller_is_asked_once_then_hears_the_goodbye(
     limited_server: RunningServer, gemini: GeminiLiveService
 ) -> None:
     first = len(gemini.connections)
+    start = await scrape_idle(limited_server)
     async with _call(limited_server) as sim:
         await _greeted(sim)
         await asyncio.wait_for(sim.closed.wait(), 20)
         heard = sim.log.heard_pcm()
+    end = await scrape_idle(limited_server)
+    assert calls_ended(start, end, "caller_idle") == 1
     [connection] = _connections(gemini, first)
     assert connection.text_turns[1:] == [IDLE_PROMPT]
     assert _sent(connection, "turnComplete") >= 2  # the model asked (a reply to the prompt)
@@ -537,6 +544,7 @@ async def test_the_time_limit_asks_the_model_to_wrap_up_then_ends_the_call(
             await say(sim, "sunday")
             await asyncio.sleep(2.0)
 
+    start = await scrape_idle(limited_server)
     async with _call(limited_server) as sim:
         started = time.monotonic()
         await _greeted(sim)
@@ -547,6 +555,8 @@ async def test_the_time_limit_asks_the_model_to_wrap_up_then_ends_the_call(
             talking.cancel()
         ended = time.monotonic() - started
         heard = sim.log.heard_pcm()
+    end = await scrape_idle(limited_server)
+    assert calls_ended(start, end, "time_limit") == 1
     [connection] = _connections(gemini, first)
     assert WRAP_UP_PROMPT in connection.text_turns
     goodbye = pcm(asset("goodbye"))

@@ -34,7 +34,6 @@ from telephony.call.supervisor import (
     ReconnectsExhausted,
 )
 from telephony.call.turns import AGENT_AUDIO, CallerSpeechEnded
-from telephony.server.metrics import Metrics
 from telephony.testing.virtual_clock import run_virtual
 
 T = TypeVar("T")
@@ -468,13 +467,6 @@ def test_a_reconnect_ends_the_agents_turn_and_says_whether_the_caller_waits() ->
 
     # the caller still waits for an answer after it: the stall watch stays armed
     assert run_virtual(main()) == [(False, False), (True, False), (True, True)]
-
-
-def test_metrics_count_reconnects() -> None:
-    text = Metrics(model_reconnects_total=3).render(
-        active_calls=0, loop_lag_ms=0.0, loop_busy=0.0, events_lost=0
-    )
-    assert "telephony_model_reconnects_total 3\n" in text
 
 
 def test_a_full_backlog_keeps_the_newest_caller_audio_and_every_text_turn() -> None:

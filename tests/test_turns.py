@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from telephony.call import Outcome
 from telephony.call.turns import (
     AGENT_AUDIO,
     CLOSING,
@@ -203,7 +204,7 @@ def test_a_silent_caller_is_asked_once_then_hears_the_goodbye() -> None:
     turns.handle(AGENT_AUDIO)  # "Are you still there?"
     turns.handle(MODEL_TURN_COMPLETE)
     assert turns.handle(Tick(44.0)) == ()
-    assert turns.handle(Tick(74.0)) == (Goodbye("the caller stayed silent"),)
+    assert turns.handle(Tick(74.0)) == (Goodbye("the caller stayed silent", Outcome.CALLER_IDLE),)
 
 
 def test_a_caller_who_speaks_again_is_not_idle() -> None:
@@ -226,7 +227,9 @@ def test_the_time_limit_asks_the_model_to_wrap_up_then_ends_with_the_goodbye() -
     assert turns.handle(Tick(640.0, playing=True)) == ()  # it would cut the agent off
     assert turns.handle(Tick(641.0)) == (Prompt(WRAP_UP_PROMPT),)
     assert turns.handle(Tick(650.0)) == ()
-    assert turns.handle(Tick(700.0, playing=True)) == (Goodbye("the call reached its time limit"),)
+    assert turns.handle(Tick(700.0, playing=True)) == (
+        Goodbye("the call reached its time limit", Outcome.TIME_LIMIT),
+    )
     turns.handle(CLOSING)
     assert turns.handle(Tick(701.0)) == ()  # the goodbye is playing: nothing more
 

@@ -4,5 +4,15 @@
 `playback`, its recording in `recording`."""
 
 from .call import CALL_TASKS, Call, CallInfo, CallOptions, Handover, ModelStalled, asset
+from .outcome import Outcome
 
-__all__ = ["CALL_TASKS", "Call", "CallInfo", "CallOptions", "Handover", "ModelStalled", "asset"]
+__all__ = [
+    "CALL_TASKS",
+    "Call",
+    "CallInfo",
+    "CallOptions",
+    "Handover",
+    "ModelStalled",
+    "Outcome",
+    "asset",
+]

@@ -28,13 +28,14 @@ from google.adk.runners import Runner
 
 from ..audio import InboundConverter, OutboundConverter
 from ..audio.echo import ECHO_RETURN_LOSS, EchoSuppressor
-from ..audio.vad import SpeechStart, VoiceActivityDetector
+from ..audio.vad import SpeechEnd, SpeechStart, VoiceActivityDetector
 from ..twilio.media_stream import Dtmf, InboundEvent, Mark, Media, Start, Stop
 from ..twilio.targets import AllowList, TargetError, key_digits, transfer_target
 from .heard import Reply
 from .keys import KeyBuffer, keys_text
 from .logs import CallLogger
-from .playback import Player, UnknownMark
+from .outcome import Outcome
+from .playback import Histogram, Player, UnknownMark
 from .record import CallRecord
 from .recording import CallRecorder
 from .supervisor import CallerAudioQueue, LiveSupervisor, ModelStalled
@@ -87,6 +88,8 @@ MACHINE_ANSWERED = (
 STREAM_RETURN_S = 60.0
 """A call that let its stream go for Twilio to press keys ends if no new stream comes by then
 (64 keys with pauses take well under it)."""
+REACTION_BUCKETS_S = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0)
+"""The barge-in reaction includes the VAD's onset rule (4 speech frames of 6: 80-120 ms)."""
 
 
 def asset(name: str) -> bytes:
@@ -254,14 +257,19 @@ class Call:
         self.done = asyncio.Event()
         """Set once the call is over, whoever ended it; the socket handler then hangs up."""
         self.end_reason = ""
+        self.outcome: Outcome | None = None
+        """How the call ended, in a word (set with `end_reason`)."""
         self._last_media = clock()
         self._caller_audio_ended = False
         self._tasks: list[asyncio.Task[None]] = []
         self._closing: asyncio.Task[None] | None = None
-        self._restarts_recorded = 0
         self.barge_ins = 0
         self.false_barge_ins = 0
         """Holds that ended in the agent playing on (a cough, an "mm-hm", a short noise)."""
+        self.barge_in_reaction = Histogram(REACTION_BUCKETS_S)
+        """Per barge-in: from the onset of the caller's speech over the agent to the clear."""
+        self._onset: float | None = None
+        """When the caller started speaking over the agent, until the clear that answers it."""
         self._held = False
         """A hold cut the caller off from agent audio they had not heard yet."""
         self._reply: Reply | None = None
@@ -361,7 +369,7 @@ class Call:
             if (keys := self._keys.press(event.digit, self._clock())) is not None:
                 self._send_keys(keys)
         elif isinstance(event, Stop):
-            await self.close("caller hung up (stop)")
+            await self.close("caller hung up (stop)", Outcome.HUNG_UP)
 
     async def _on_media(self, mulaw: bytes) -> None:
         """Caller audio to the model, with the agent's echo in it replaced by the line's
@@ -373,14 +381,36 @@ class Call:
         self.live.send_caller_audio(self._suppressor.process(pcm, echo))
         self._caller_audio_ended = False
         for speech in self._vad.feed(pcm, min_energy=echo):
-            if isinstance(speech, SpeechStart):
-                turn = CallerSpeechStarted(now, agent_audible=self.player.busy())
-            else:
-                turn = CallerSpeechEnded(now)
-            await self._act(self.turns.handle(turn))
+            await self._caller_speech(speech, now, now)
         if self.turns.watching:
             vad = self._vad
             await self._act(self.turns.handle(CallerVoice(vad.speech_ms, vad.silence_ms)))
+
+    async def _caller_speech(
+        self, speech: SpeechStart | SpeechEnd, now: float, audio_end: float
+    ) -> None:
+        """The VAD's onset or end, found in the audio that ended arriving at `audio_end`: it
+        happened as much earlier as it lies before the end of that audio, which is when the
+        caller's wait for an answer, or a barge-in's, began."""
+        at = audio_end - (self._vad.offset_ms - speech.offset_ms) / 1000
+        if isinstance(speech, SpeechStart):
+            turn: CallerSpeechStarted | CallerSpeechEnded = CallerSpeechStarted(
+                now, agent_audible=self.player.busy()
+            )
+            self._onset = at if turn.agent_audible else None
+        else:
+            turn = CallerSpeechEnded(now)
+        await self._act(self.turns.handle(turn))
+        if isinstance(speech, SpeechEnd):
+            self._onset = None
+        self.player.waiting_since = at if self.turns.awaiting_reply_since is not None else None
+
+    def _cleared(self) -> None:
+        """A clear went out: the first after the caller started speaking over the agent is
+        the barge-in's reaction."""
+        if self._onset is not None:
+            self.barge_in_reaction.observe(self._clock() - self._onset)
+            self._onset = None
 
     def _send_keys(self, keys: str) -> None:
         self._log("keys to the model: %s", self._log.keys(keys))
@@ -392,19 +422,24 @@ class Call:
             if isinstance(action, Hold):
                 self._held = await self.player.hold()
                 if self._held:
+                    self._cleared()
                     self._log("holding agent audio (%s)", action.source)
+                    self._record("hold", source=action.source)
             elif isinstance(action, Resume):
                 if self._held:
                     self.false_barge_ins += 1
                     self._log("no interruption after all: agent audio plays on")
+                    self._record("resume")
                 self._held = False
                 self.player.resume()
             elif isinstance(action, Interrupt):
                 self._held = False
                 self._outbound = OutboundConverter()
                 if await self.player.clear():
+                    self._cleared()
                     self.barge_ins += 1
                     self._log("barge-in (%s): cleared playback", action.source)
+                    self._record("barge_in", source=action.source)
                     if action.by_caller:
                         self.record.event("barge_in", source=action.source)
                     reply = self._reply
@@ -424,7 +459,7 @@ class Call:
                 self._log("asking the model: %s", action.text)
                 self.live.send_text(action.text)
             elif isinstance(action, Goodbye):
-                await self.end_with(asset("goodbye"), action.reason)
+                await self.end_with(asset("goodbye"), action.reason, action.outcome)
 
     async def _watch_caller(self) -> None:
         """Twilio normally streams 20 ms every 20 ms; when the caller's frames stop, tell the
@@ -443,8 +478,8 @@ class Call:
                 and (self._clock() - self._last_media) * 1000 >= self._options.caller_silence_ms
             ):
                 self._caller_audio_ended = True
-                if self._vad.end_of_stream() is not None:  # an utterance ends with the audio
-                    await self._act(self.turns.handle(CallerSpeechEnded(now)))
+                if (end := self._vad.end_of_stream()) is not None:  # an utterance ends with it
+                    await self._caller_speech(end, now, self._last_media)
                 self.live.queue.send_audio_stream_end()
                 self._log("caller audio stopped; sent audio_stream_end")
 
@@ -453,11 +488,11 @@ class Call:
         if self.done.is_set():
             return
         if error is None:
-            self.end("live session ended")
+            self.end("live session ended", Outcome.MODEL_FAILED)
         else:
-            await self.end_with(asset("apology"), "live session failed")
+            await self.end_with(asset("apology"), "live session failed", Outcome.MODEL_FAILED)
 
-    async def end_with(self, mulaw: bytes, reason: str) -> None:
+    async def end_with(self, mulaw: bytes, reason: str, outcome: Outcome) -> None:
         """Plays a last message to the caller (instead of anything the agent had queued), then
         ends the call once it has been heard."""
         self.turns.handle(CLOSING)
@@ -471,7 +506,7 @@ class Call:
             deadline = self._clock() + len(mulaw) / 8000 + LAST_WORDS_MARGIN_S
             while self.player.busy() and self._clock() < deadline:
                 await asyncio.sleep(0.05)
-        self.end(reason)
+        self.end(reason, outcome)
 
     async def _on_model_event(self, event: Event, output: bool) -> None:
         """`output`: the model said something (see `supervisor.is_model_output`)."""
@@ -525,20 +560,22 @@ class Call:
             note.generated_s,
         )
         self.live.send_note(note.text, note.record())
+        self._record("heard", **note.record())
 
     def _on_reconnect(self) -> bool:
         """A new live connection replaced the old one, whose turn ended without turn_complete:
         the agent is not talking any more. True when the caller is owed an answer (they spoke
         and none came, or it was cut off)."""
         owed = self.turns.generating or self.turns.awaiting_reply_since is not None
-        if self.live.restarts > self._restarts_recorded:
-            self._restarts_recorded = self.live.restarts
-            self.record.event("restart", restarts=self.live.restarts)
-        else:
-            self.record.event("reconnect", reconnects=self.live.reconnects)
+        self._record("reconnect", restarts=self.live.restarts, reconnects=self.live.reconnects)
+        self.record.event("reconnect", restarts=self.live.restarts, reconnects=self.live.reconnects)
         self.turns.handle(SESSION_RESTARTED)
         self._reply_done()
         return owed
+
+    def _record(self, event: str, **fields: object) -> None:
+        if self.recorder is not None:
+            self.recorder.call_event(event, **fields)
 
     def _on_agent_audio(self, pcm: bytes, mime_type: str) -> None:
         if mime_type.replace(" ", "") != AGENT_AUDIO_MIME:
@@ -560,7 +597,7 @@ class Call:
         if task.cancelled() or task.exception() is None:
             return
         self._log("task %s failed: %r", task.get_name(), task.exception(), level=logging.ERROR)
-        self.end(f"internal error in {task.get_name()}")
+        self.end(f"internal error in {task.get_name()}", Outcome.INTERNAL_ERROR)
 
     @property
     def stream_released(self) -> bool:
@@ -577,7 +614,7 @@ class Call:
         then: the model leaves its message now. A fax gets nothing to hear."""
         self._log("answered by %s", who)
         if who == "fax":
-            self.end("a fax machine answered")
+            self.end("a fax machine answered", Outcome.FAX)
         elif who.startswith("machine"):
             self.live.tell(MACHINE_ANSWERED, state={"telephony_answered_by": who})
         else:  # a person is talking with the agent already: nothing to interrupt them with
@@ -635,27 +672,33 @@ class Call:
         handover, self._leaving = self._leaving or Handover(), None
         self.handover = handover
         if handover.transfer_to:
-            self.end(f"transferred to {self._log.number(handover.transfer_to)}")
+            self.end(
+                f"transferred to {self._log.number(handover.transfer_to)}", Outcome.TRANSFERRED
+            )
         elif not handover.digits:
-            self.end("the agent ended the call")
+            self.end("the agent ended the call", Outcome.AGENT_ENDED)
         elif self._stream is not None:
             self.player.detach()
             self._stream.set()
             if self._return_timer is not None:
                 self._return_timer.cancel()
             self._return_timer = asyncio.get_running_loop().call_later(
-                STREAM_RETURN_S, self.end, "no media stream after the keys were pressed"
+                STREAM_RETURN_S,
+                self.end,
+                "no media stream after the keys were pressed",
+                Outcome.NO_STREAM,
             )
 
-    def end(self, reason: str) -> None:
-        """Marks the call over, whoever ends it (the socket handler then hangs up)."""
+    def end(self, reason: str, outcome: Outcome) -> None:
+        """Marks the call over, whoever ends it (the socket handler then hangs up); the first
+        reason given is the one that counts."""
         if not self.end_reason:
-            self.end_reason = reason
+            self.end_reason, self.outcome = reason, outcome
         self.done.set()
 
-    async def close(self, reason: str) -> None:
+    async def close(self, reason: str, outcome: Outcome) -> None:
         """Ends the call and everything it owns; safe to call any number of times."""
-        self.end(reason)
+        self.end(reason, outcome)
         if self._closing is None:
             self._closing = asyncio.create_task(self._shutdown())
         await asyncio.shield(self._closing)
@@ -671,7 +714,8 @@ class Call:
             if self.recorder is not None:
                 self.recorder.close(self.end_reason)
             transfer_to = self.handover.transfer_to if self.handover else ""
-            self.record.end(self.end_reason, direction=self.info.direction, transfer_to=transfer_to)
+            outcome = self.outcome or Outcome.INTERNAL_ERROR
+            self.record.end(self.end_reason, outcome, self.info.direction, transfer_to)
             await self.record.close(self.live.stored_session)
         ledger = self.player.ledger
         self._log(

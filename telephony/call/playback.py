@@ -53,15 +53,24 @@ MAX_PRIME_S = MAX_MESSAGE_BYTES / BYTES_PER_SECOND
 log = logging.getLogger(__name__)
 
 GAP_BUCKETS_S = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+RESPONSE_BUCKETS_S = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0)
+"""Response latency includes the model's own end-of-speech wait (about 600 ms)."""
+UNDERRUN_S = 0.02
+"""Agent audio leaving this much (a frame) after the audio before it ran out is an underrun:
+silence the caller hears mid-reply (`bench/load.py` counts the same at the caller's end)."""
 
 
 @dataclass
 class Histogram:
-    """Counts in Prometheus buckets: each call keeps its own, merged by the server at its end."""
+    """Counts in Prometheus buckets: each call keeps its own, which the server reads as the
+    call runs (no client library on the audio path) and adds up once it ends."""
 
     buckets: tuple[float, ...] = GAP_BUCKETS_S
-    counts: list[int] = field(default_factory=lambda: [0] * (len(GAP_BUCKETS_S) + 1))
+    counts: list[int] = field(default_factory=list)
     total: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.counts = self.counts or [0] * (len(self.buckets) + 1)
 
     def observe(self, value: float) -> None:
         self.counts[bisect.bisect_left(self.buckets, value)] += 1
@@ -74,19 +83,6 @@ class Histogram:
     @property
     def count(self) -> int:
         return sum(self.counts)
-
-    def render(self, name: str, help_text: str) -> list[str]:
-        lines = [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"]
-        seen = 0
-        for bound, n in zip(self.buckets, self.counts, strict=False):
-            seen += n
-            lines.append(f'{name}_bucket{{le="{bound:g}"}} {seen}')
-        lines += [
-            f'{name}_bucket{{le="+Inf"}} {self.count}',
-            f"{name}_sum {self.total:.6f}",
-            f"{name}_count {self.count}",
-        ]
-        return lines
 
 
 class UnknownMark(ValueError):
@@ -241,6 +237,12 @@ class Player:
         self._mark_seq = 0
         self.gaps = Histogram()
         """Per message sent: silence the caller heard because it left late (0 when on time)."""
+        self.underruns = 0
+        """Messages that left more than `UNDERRUN_S` late."""
+        self.waiting_since: float | None = None
+        """When the caller stopped speaking, while they wait for an answer (the call sets it)."""
+        self.response_latency = Histogram(RESPONSE_BUCKETS_S)
+        """Per answer: from the end of the caller's speech to its first agent audio sent."""
         self.dropped_bytes = 0
         """Audio dropped by clears before the caller heard it."""
         self.queued_total = 0
@@ -437,7 +439,13 @@ class Player:
                 self._queued -= len(chunk)
                 self._mark_seq += 1
                 name = str(self._mark_seq)
-                self.gaps.observe(max(0.0, now - ready))
+                gap = max(0.0, now - ready)
+                self.gaps.observe(gap)
+                if gap > UNDERRUN_S:
+                    self.underruns += 1
+                if self.waiting_since is not None:
+                    self.response_latency.observe(now - self.waiting_since)
+                    self.waiting_since = None
                 self.ledger.sent(len(chunk), now)
                 self.ledger.mark_sent(name)
                 self._in_flight.append((name, chunk))

@@ -8,12 +8,12 @@ bridge knows. Each such fact is one session event through `CallRecord.event`: au
 
 - `telephony_barge_in` `{source}`: the caller talked over the agent; its audio was cleared.
 - `telephony_keys` `{digits}`: the caller's key presses, as the one turn the model got.
-- `telephony_reconnect` `{reconnects}`: ADK opened a new live connection by itself.
-- `telephony_restart` `{restarts}`: the bridge restarted the live session.
+- `telephony_reconnect` `{restarts, reconnects}`: a new live connection: ADK's own (its
+  `reconnects` went up) or the bridge's restart of the live session (`restarts` too).
 - `telephony_status`: a Twilio status callback: those of `CallStatus`, `StreamEvent`,
   `StreamError`, `CallDuration`, `AnsweredBy` it carried (Twilio's names and values).
 - `telephony_end` `{outcome, reason, duration_s, direction, transfer_to}`: the bridge let
-  the call go (`outcome`: see `OUTCOMES`; `transfer_to` only for a transfer).
+  the call go (`outcome`: the call's `Outcome`; `transfer_to` only for a transfer).
 
 The heard-notes (`telephony_note`, see `supervisor.send_note`) are user events with content.
 The end record also updates the session state, so a list of calls needs no events: see
@@ -39,11 +39,9 @@ from google.adk.sessions import BaseSessionService, Session
 __all__ = [
     "AUTHOR",
     "END_STATE",
-    "OUTCOMES",
     "STATUS_FIELDS",
     "CallRecord",
     "end_event",
-    "outcome_of",
     "record_event",
     "status_event",
     "status_fields",
@@ -66,29 +64,6 @@ END_STATE = (
 """Session state keys the end record sets (`telephony_transfer_to` only for a transfer);
 status callbacks set `telephony_call_status` and, with the call's end, Twilio's
 `telephony_call_duration_s`."""
-OUTCOMES: tuple[tuple[str, str], ...] = (
-    ("caller hung up", "hung_up"),
-    ("Twilio reports the call completed", "hung_up"),
-    ("media stream closed", "stream_closed"),
-    ("the agent ended the call", "end_call"),
-    ("transferred to", "transferred"),
-    ("the call reached its time limit", "time_limit"),
-    ("the caller stayed silent", "idle"),
-    ("server shutting down", "shutdown"),
-    ("live session failed", "model_failed"),
-    ("live session ended", "model_ended"),
-    ("Twilio socket", "stream_error"),
-    ("no media stream after the keys", "stream_error"),
-    ("media stream never connected", "no_stream"),
-    ("a fax machine answered", "fax"),
-    ("Twilio reports the call", "twilio_ended"),
-)
-"""A call's end reason (`Call.end`) by its start, to the outcome the history shows;
-anything else is `error`."""
-
-
-def outcome_of(reason: str) -> str:
-    return next((code for start, code in OUTCOMES if reason.startswith(start)), "error")
 
 
 def status_fields(form: Mapping[str, str]) -> dict[str, str]:
@@ -119,6 +94,7 @@ def end_event(
     """How a call ended, with the summary a list of calls shows (`END_STATE`)."""
     now = time.time()
     duration = round(max(0.0, now - started_at), 1)
+    outcome = str(outcome)  # the call's `Outcome`, or Twilio's word for an unanswered call
     fields: dict[str, Any] = {"outcome": outcome, "reason": reason, "duration_s": duration}
     fields["direction"] = direction
     state: dict[str, Any] = {
@@ -167,25 +143,18 @@ class CallRecord:
         """The caller's finished utterances and the agent's replies so far."""
         self.started_at = time.time()
         self.lost = 0
-        self._stream_error = False
-        """Twilio reported the stream failed: the call's socket closing is no hang-up."""
 
     def event(self, kind: str, **fields: Any) -> None:
         self.append(record_event(kind, fields))
 
     def append(self, event: Event) -> None:
         """Appends `event` once the session is at hand, after every event before it."""
-        status = (event.custom_metadata or {}).get("telephony_status") or {}
-        self._stream_error |= status.get("StreamEvent") == "stream-error"
         self._waiting.append(event)
         if self._at_hand() is not None and (self._writing is None or self._writing.done()):
             self._writing = asyncio.create_task(self._write())
 
-    def end(self, reason: str, *, direction: str, transfer_to: str = "") -> None:
+    def end(self, reason: str, outcome: str, direction: str, transfer_to: str = "") -> None:
         """The bridge let the call go: how, and the summary a list of calls shows."""
-        outcome = outcome_of(reason)
-        if self._stream_error and outcome in ("hung_up", "stream_closed"):
-            outcome = "stream_error"
         self.append(
             end_event(
                 outcome,

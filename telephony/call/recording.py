@@ -11,6 +11,12 @@ from the moment the call was answered (the voice webhook):
     {"t": 2.730, "kind": "model", "event": "input_transcription", "text": ..., "finished": true}
         (also "output_transcription", "interrupted", "turn_complete",
          "tool_call" with "name" and "args", "tool_response" with "name")
+    {"t": 3.100, "kind": "call", "event": "barge_in", "source": "caller"}
+        what the bridge decided: "hold" and "resume" (a sound over the agent that was no
+        interruption after all), "barge_in", "heard" (the note of what the caller heard of a
+        reply they cut off: "heard", "unheard", "heard_s", "generated_s"), "reconnect" (a new
+        live connection; "restarts" and "reconnects" so far). Recordings made before these
+        lines existed have none; readers skip call events they do not know.
     {"t": 9.002, "kind": "end", "reason": "caller hung up (stop)"}
 
 The file is flushed about once a second, so a server that dies mid-call leaves a file that
@@ -50,7 +56,7 @@ log = logging.getLogger(__name__)
 
 FORMAT = "telephony-call"
 VERSION = 1
-KINDS = frozenset({"in", "out", "model", "end"})
+KINDS = frozenset({"in", "out", "model", "call", "end"})
 MODEL_EVENTS = frozenset(
     {
         "audio",
@@ -179,6 +185,8 @@ def _check_entry(obj: Any, where: str) -> Entry:
         raise RecordingError(f"{where}: 'msg' must be a Media Streams message object")
     if kind == "model" and obj.get("event") not in MODEL_EVENTS:
         raise RecordingError(f"{where}: unknown model event {obj.get('event')!r}")
+    if kind == "call" and not isinstance(obj.get("event"), str):
+        raise RecordingError(f"{where}: a call event needs an 'event' name")
     return Entry(float(t), kind, obj)
 
 
@@ -231,9 +239,11 @@ class CallRecorder:
         self._t0 = clock()
         self._last_flush = 0.0
         self._file: IO[str] | None = open(self.path, "w", encoding="utf-8")  # noqa: SIM115
-        self._wav = HeardWav(self.wav_path)
+        self._wav = HeardWav(open(self.wav_path, "wb"))  # noqa: SIM115
         self._call_sid = call_sid
         self._stream_start: float | None = None
+        self._stream_at = 0
+        """Where the current media stream began in the WAV (its timestamps start at 0)."""
         self._line(
             json.dumps(
                 {
@@ -274,9 +284,11 @@ class CallRecorder:
         now = self._now() if at is None else at - self._t0
         self._line(f'{{"t":{now:.4f},"kind":"in","msg":{event.to_json()}}}')
         if isinstance(event, Start):
-            self._stream_start = now
+            if self._stream_start is None:
+                self._stream_start = now
+            self._stream_at = self._samples(now)
         elif isinstance(event, Media) and self._stream_start is not None:
-            self._wav.caller(event.timestamp * RATE // 1000, event.payload)
+            self._wav.caller(self._stream_at + event.timestamp * RATE // 1000, event.payload)
 
     def twilio_out(self, message: str) -> None:
         now = self._now()
@@ -293,6 +305,11 @@ class CallRecorder:
         now = self._now()
         for entry in model_entries(event):
             self._line(json.dumps({"t": round(now, 4), "kind": "model", **entry}))
+
+    def call_event(self, event: str, **fields: Any) -> None:
+        """What the bridge decided (see the module's docstring): a report shows it."""
+        entry = {"t": round(self._now(), 4), "kind": "call", "event": event, **fields}
+        self._line(json.dumps(entry))
 
     def close(self, reason: str) -> None:
         self._line(json.dumps({"t": round(self._now(), 4), "kind": "end", "reason": reason}))
@@ -311,13 +328,15 @@ class HeardWav:
     The agent channel follows Twilio's playout: each media message starts where the previous
     one ends (or when it arrives, if later); a clear cuts everything not yet played."""
 
-    def __init__(self, path: Path) -> None:
-        self._file = open(path, "wb")  # noqa: SIM115
+    def __init__(self, file: IO[bytes]) -> None:
+        self._file = file
         self._file.write(_wav_header(0))
         self._base = 0
         self._left = np.zeros(0, np.int16)
         self._right = np.zeros(0, np.int16)
         self._play_end = 0
+        self._end = 0
+        """Just past the last sample written (the buffers grow ahead of it)."""
 
     def _ensure(self, end: int) -> None:
         need = end - self._base
@@ -331,6 +350,7 @@ class HeardWav:
             pcm = pcm[self._base - at :]
             at = self._base
         self._ensure(at + len(pcm))
+        self._end = max(self._end, at + len(pcm))
         getattr(self, channel)[at - self._base : at - self._base + len(pcm)] = pcm
 
     def caller(self, at: int, mulaw: bytes) -> None:
@@ -357,10 +377,14 @@ class HeardWav:
         self._left, self._right = self._left[n:].copy(), self._right[n:].copy()
         self._base += n
 
-    def close(self) -> None:
-        self.commit(max(self._base + len(self._left), self._play_end))
+    def finish(self) -> None:
+        """Writes what is left and the final header; the file stays open."""
+        self.commit(max(self._end, self._play_end))
         self._file.seek(0)
         self._file.write(_wav_header(self._base))
+
+    def close(self) -> None:
+        self.finish()
         self._file.close()
 
 

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .outcome import Outcome
+
 __all__ = [
     "AGENT_AUDIO",
     "CLOSING",
@@ -207,6 +209,7 @@ class Goodbye:
     """End the call with the recorded goodbye."""
 
     reason: str
+    outcome: Outcome
 
 
 Action = Hold | Resume | Interrupt | Play | RestartModel | HangUp | Prompt | Goodbye
@@ -371,7 +374,7 @@ class TurnState:
         if self.max_call_s:
             elapsed = now - self.started_at
             if elapsed >= self.max_call_s:
-                return Goodbye("the call reached its time limit")
+                return Goodbye("the call reached its time limit", Outcome.TIME_LIMIT)
             wrap_up_at = self.max_call_s - min(WRAP_UP_S, self.max_call_s / 4)
             if not self._wrapped_up and not busy and elapsed >= wrap_up_at:
                 # a text turn cuts off whoever speaks: wait for a moment nobody does
@@ -388,7 +391,7 @@ class TurnState:
             return None
         self._quiet_since = None
         if self._idle_prompted:
-            return Goodbye("the caller stayed silent")
+            return Goodbye("the caller stayed silent", Outcome.CALLER_IDLE)
         self._idle_prompted = True
         return Prompt(IDLE_PROMPT)
 

@@ -10,10 +10,11 @@ from pathlib import Path
 
 from google.adk.runners import Runner
 from google.adk.sessions import BaseSessionService, InMemorySessionService
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from quart import Quart, Response, request, websocket
 
 from ..agents import AgentSpec, load_agent, warm_up
-from ..call import Call, CallInfo, CallOptions, asset
+from ..call import Call, CallInfo, CallOptions, Outcome, asset
 from ..call.logs import mask_number
 from ..call.record import status_event, status_fields
 from ..settings import Settings
@@ -30,6 +31,7 @@ from ..twilio.signatures import SignatureChecker, websocket_url
 from ..twilio.twiml import busy, call_parameters, connect_stream, dial, hang_up
 from . import history
 from .capacity import Admission, LoopMonitor
+from .metrics import ServerFigures, metrics_registry
 from .registry import CallRegistry
 from .sessions import PersistentSqliteSessionService
 
@@ -121,18 +123,33 @@ def create_app(settings: Settings, spec: AgentSpec | None = None) -> Quart:
     app.extensions["telephony.runner"] = runner
     admission = Admission(settings.max_loop_busy, settings.call_cost)
     load = LoopMonitor(on_sample=lambda busy, now: admission.learn(busy, len(calls), now))
+    exposed = metrics_registry(
+        calls.metrics,
+        calls.active,
+        ServerFigures(
+            load,
+            admission,
+            clock=lambda: asyncio.get_running_loop().time(),
+            session_write_errors=lambda: (
+                sessions.write_errors if isinstance(sessions, PersistentSqliteSessionService) else 0
+            ),
+        ),
+    )
 
-    def refusal(now: float) -> str | None:
-        """Why a new call cannot be taken now, if it cannot."""
+    def refusal(now: float) -> tuple[str, str] | None:
+        """Why a new call cannot be taken now, if it cannot: a label to count it by, and
+        the reason to log."""
         if calls.draining:
-            return "the server is shutting down"
+            return "shutdown", "the server is shutting down"
         if settings.max_calls and len(calls) >= settings.max_calls:
-            return f"at capacity ({len(calls)} calls)"
+            return "max_calls", f"at capacity ({len(calls)} calls)"
         if settings.max_loop_lag_ms and load.lag_ms > settings.max_loop_lag_ms:
-            return f"overloaded (event loop {load.lag_ms:.0f} ms late)"
+            return "loop_lag", f"overloaded (event loop {load.lag_ms:.0f} ms late)"
         if settings.max_loop_busy and load.busy > settings.max_loop_busy:
-            return f"overloaded (event loop busy {load.busy:.0%} of the time)"
-        return admission.refusal(len(calls), now)
+            return "loop_busy", f"overloaded (event loop busy {load.busy:.0%} of the time)"
+        if (reason := admission.refusal(len(calls), now)) is not None:
+            return "capacity", reason
+        return None
 
     shown = mask_number if settings.mask_callers else str
 
@@ -184,11 +201,7 @@ def create_app(settings: Settings, spec: AgentSpec | None = None) -> Quart:
     async def metrics() -> Response | tuple[str, int, dict[str, str]]:
         if not admin():
             return "a valid bearer token is required\n", 401, {"WWW-Authenticate": "Bearer"}
-        lost = sessions.write_errors if isinstance(sessions, PersistentSqliteSessionService) else 0
-        text = calls.metrics.render(
-            active_calls=len(calls), loop_lag_ms=load.lag_ms, loop_busy=load.busy, events_lost=lost
-        )
-        return Response(text, content_type="text/plain; version=0.0.4")
+        return Response(generate_latest(exposed), content_type=CONTENT_TYPE_LATEST)
 
     async def signed_form() -> dict[str, str] | tuple[str, int]:
         """A Twilio request's form, once its signature and CallSid are checked; else the
@@ -238,10 +251,10 @@ def create_app(settings: Settings, spec: AgentSpec | None = None) -> Quart:
         call_sid = form["CallSid"]
         now = asyncio.get_running_loop().time()
         info = CallInfo.from_parameters(call_sid, call_parameters(form))
-        if (reason := refusal(now)) is not None:
-            calls.metrics.calls_refused_total += 1
-            log.warning("call %s: turned away: %s", call_sid, reason)
-            calls.spawn(turned_away(info, reason))
+        if (refused := refusal(now)) is not None:
+            calls.metrics.refused(form.get("Direction", ""), refused[0])
+            log.warning("call %s: turned away: %s", call_sid, refused[1])
+            calls.spawn(turned_away(info, refused[1]))
             return Response(busy(), content_type="text/xml")
         admission.admit(now)
         log.info(
@@ -254,7 +267,7 @@ def create_app(settings: Settings, spec: AgentSpec | None = None) -> Quart:
         """A call the agent never took is in the history too."""
         try:
             await history.store_unstarted(
-                sessions, spec.app.name, info, [], outcome="turned_away", reason=reason
+                sessions, spec.app.name, info, [], outcome=Outcome.REFUSED, reason=reason
             )
         except Exception as exc:
             log.error("call %s: not kept in the history: %r", info.call_sid, exc)
@@ -338,9 +351,9 @@ def create_app(settings: Settings, spec: AgentSpec | None = None) -> Quart:
             log.warning("POST /calls rejected (401): bad or missing bearer token")
             challenge = {"WWW-Authenticate": "Bearer"}
             return {"error": "a valid bearer token is required"}, 401, challenge
-        if (reason := refusal(asyncio.get_running_loop().time())) is not None:
-            log.warning("POST /calls refused (503): %s", reason)
-            return {"error": f"not placing calls now: {reason}"}, 503
+        if (refused := refusal(asyncio.get_running_loop().time())) is not None:
+            log.warning("POST /calls refused (503): %s", refused[1])
+            return {"error": f"not placing calls now: {refused[1]}"}, 503
         body = await request.get_json(force=True, silent=True)
         if not isinstance(body, dict) or not isinstance(body.get("to"), str):
             return {"error": 'the body must be JSON like {"to": "+15551234567"}'}, 400
@@ -456,7 +469,7 @@ async def serve_stream(calls: CallRegistry) -> None:
             if call.done.is_set():
                 continue  # the registry closes it; Twilio need not wait (a transfer's <Dial>)
             if not replaced.is_set():
-                await call.close("media stream closed")
+                await call.close("media stream closed", Outcome.STREAM_ERROR)
 
 
 async def _read_stream(
@@ -568,11 +581,11 @@ def _sender(
             log.warning(
                 "call %s: Twilio stopped reading for %.0f s", call.info.call_sid, SEND_TIMEOUT_S
             )
-            call.end("Twilio socket stalled")
+            call.end("Twilio socket stalled", Outcome.STREAM_ERROR)
         except Exception as exc:  # the caller's leg failed: never blame (and restart) the model
             dead = True
             log.warning("call %s: sending to Twilio failed: %r", call.info.call_sid, exc)
-            call.end("Twilio socket failed")
+            call.end("Twilio socket failed", Outcome.STREAM_ERROR)
 
     return send
 

@@ -22,7 +22,7 @@ from google.adk.events import Event
 from google.adk.sessions import BaseSessionService, Session
 from google.adk.sessions.base_session_service import GetSessionConfig
 
-from ..call import CallInfo
+from ..call import CallInfo, Outcome
 from ..call.logs import mask_number
 from ..call.record import end_event
 
@@ -41,27 +41,26 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-OUTCOME_TEXT = {
-    "hung_up": "caller hung up",
-    "stream_closed": "stream closed",
-    "end_call": "agent ended the call",
-    "transferred": "transferred",
-    "time_limit": "time limit",
-    "idle": "caller silent",
-    "shutdown": "server shut down",
-    "model_failed": "model failed",
-    "model_ended": "model ended the session",
-    "stream_error": "stream error",
-    "no_stream": "stream never connected",
-    "fax": "fax answered",
-    "twilio_ended": "Twilio ended the call",
-    "turned_away": "turned away (busy message)",
+OUTCOME_TEXT: dict[str, str] = {
+    Outcome.HUNG_UP: "caller hung up",
+    Outcome.AGENT_ENDED: "agent ended the call",
+    Outcome.TRANSFERRED: "transferred",
+    Outcome.TIME_LIMIT: "time limit",
+    Outcome.CALLER_IDLE: "caller silent",
+    Outcome.FAX: "fax answered",
+    Outcome.MODEL_FAILED: "model failed",
+    Outcome.STREAM_ERROR: "stream error",
+    Outcome.NO_STREAM: "no media stream",
+    Outcome.SHUTDOWN: "server shut down",
+    Outcome.INTERNAL_ERROR: "internal error",
+    Outcome.REFUSED: "turned away (busy message)",
     "busy": "line busy",
     "no-answer": "not answered",
     "failed": "call failed",
     "canceled": "call canceled",
-    "error": "internal error",
 }
+"""How a call ended, by its `Outcome` (or Twilio's final status, for an outbound call that
+never reached the agent)."""
 
 
 class HistoryError(ValueError):
@@ -359,12 +358,16 @@ _FACTS = {
     "restart": ("restart", "live session restarted (#{restarts})"),
     "reconnect": ("reconnect", "model reconnected (#{reconnects})"),
 }
-"""How the call's own facts read (see `call.record`), but its status and its end."""
+"""How the call's own facts read (see `call.record`), but its status and its end; a
+`telephony_reconnect` whose `restarts` went up reads as a restart."""
 
 
-def _fact(event: Event) -> tuple[str, str] | None:
-    for kind, (shown, text) in _FACTS.items():
+def _fact(event: Event, restarts: int) -> tuple[str, str] | None:
+    for kind in ("keys", "barge_in", "reconnect"):
         if (fields := _record(event, kind)) is not None:
+            if kind == "reconnect" and int(fields.get("restarts") or 0) > restarts:
+                kind = "restart"
+            shown, text = _FACTS[kind]
             return shown, text.format_map(defaultdict(lambda: "?", fields))
     return None
 
@@ -372,7 +375,7 @@ def _fact(event: Event) -> tuple[str, str] | None:
 def _timeline(events: list[Event], mask: bool) -> list[_Line]:
     lines: list[_Line] = []
     caller, agent = _Speaker("caller", lines), _Speaker("agent", lines)
-    keys = ""
+    keys, restarts = "", 0
     for event in events:
         at = event.timestamp
         if (said := event.input_transcription) is not None:
@@ -387,8 +390,10 @@ def _timeline(events: list[Event], mask: bool) -> list[_Line]:
             continue
         if (pressed := _record(event, "keys")) is not None:
             keys = str(pressed.get("digits", ""))
-        if (fact := _fact(event)) is not None:
+        if (fact := _fact(event, restarts)) is not None:
             lines.append(_Line(at, *fact))
+        if (again := _record(event, "reconnect")) is not None:
+            restarts = max(restarts, int(again.get("restarts") or 0))
         if (status := _record(event, "status")) is not None:
             lines.append(_Line(at, "status", f"Twilio: {_status_text(status)}"))
         elif (end := _record(event, "end")) is not None:

@@ -14,7 +14,7 @@ from typing import Any
 
 from google.adk.events import Event
 
-from ..call import Call, CallInfo, Handover
+from ..call import Call, CallInfo, Handover, Outcome
 from .metrics import Metrics
 
 __all__ = ["CallRegistry"]
@@ -70,6 +70,10 @@ class CallRegistry:
 
     def get(self, call_sid: str) -> Call | None:
         return self._calls.get(call_sid)
+
+    def active(self) -> list[Call]:
+        """The calls in progress (pre-started ones included)."""
+        return list(self._calls.values())
 
     def prestart(self, info: CallInfo) -> Call:
         """Called by the webhook: start the live session before the stream exists."""
@@ -144,7 +148,7 @@ class CallRegistry:
         if status.split()[0] not in FINAL_STATUSES:
             return []
         if (call := self._calls.get(call_sid)) is not None:  # e.g. hung up during the keys
-            call.end(f"Twilio reports the call {status}")
+            call.end(f"Twilio reports the call {status}", Outcome.HUNG_UP)
         return self._over(call_sid, status)
 
     def keep(self, call_sid: str, event: Event) -> bool:
@@ -189,17 +193,10 @@ class CallRegistry:
         if call.handover is not None:  # before the socket closes and Twilio asks for it
             self._handovers[sid] = call.handover
             loop.call_later(HANDOVER_KEEP_S, self._handovers.pop, sid, None)
-        await call.close(call.end_reason)
+        await call.close(call.end_reason, call.outcome or Outcome.INTERNAL_ERROR)
+        # in one step, so that a scrape counts the call either as running or as ended
         self._forget(call)
-        m = self.metrics
-        m.calls_total += 1
-        m.barge_ins_total += call.barge_ins
-        m.false_barge_ins_total += call.false_barge_ins
-        m.model_restarts_total += call.model_restarts
-        m.model_reconnects_total += call.model_reconnects
-        m.caller_audio_dropped_s += call.caller_audio_dropped * 0.02
-        m.agent_audio_dropped_s += call.player.overflow_bytes / 8000
-        m.gaps.merge(call.player.gaps)
+        self.metrics.ended(call)
 
     def _forget_ended(self, call_sid: str) -> None:
         self._ended.pop(call_sid, None)
@@ -221,7 +218,7 @@ class CallRegistry:
                 call.info.call_sid,
                 self._timeout,
             )
-            self.spawn(call.close("media stream never connected"))
+            self.spawn(call.close("media stream never connected", Outcome.NO_STREAM))
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         """Runs `coro` as a task that `close_all` waits for."""
@@ -247,10 +244,15 @@ class CallRegistry:
         if remaining:
             log.info("drain time is up: saying goodbye to %d call(s)", len(remaining))
             await asyncio.gather(
-                *(call.end_with(goodbye, "server shutting down") for call in remaining)
+                *(
+                    call.end_with(goodbye, "server shutting down", Outcome.SHUTDOWN)
+                    for call in remaining
+                )
             )
         await self.close_all("server shutting down")
 
     async def close_all(self, reason: str) -> None:
-        await asyncio.gather(*(call.close(reason) for call in list(self._calls.values())))
+        """Ends every call at once: the server is shutting down."""
+        calls = list(self._calls.values())
+        await asyncio.gather(*(call.close(reason, Outcome.SHUTDOWN) for call in calls))
         await asyncio.gather(*self._tasks, return_exceptions=True)

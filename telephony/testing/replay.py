@@ -22,10 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from ..agents import AgentSpec
-from ..audio import InboundConverter
-from ..audio.vad import SpeechEnd, SpeechStart, VoiceActivityDetector
 from ..call import CALL_TASKS
 from ..call.recording import Recording, load_recording
+from ..call.timeline import agent_turns, caller_speech, playout, responses
 from .simulator import CallerSimulator, CallLog, place_call
 from .virtual_clock import run_virtual
 
@@ -41,8 +40,6 @@ __all__ = [
     "replay_in_process",
 ]
 
-TURN_GAP_S = 0.3
-"""Agent audio separated by less than this is one turn."""
 DROPPED = "media stream closed"
 """How the bridge names a call whose socket closed without `stop`."""
 
@@ -93,59 +90,7 @@ class CallFigures:
     def response_latencies(self) -> list[float]:
         """For each agent turn that answers caller speech: turn start minus the end of the
         speech just before it."""
-        out = []
-        for start, _ in self.agent_turns:
-            ends = [e for s, e in self.caller_speech if e <= start]
-            talking = any(s <= start < e for s, e in self.caller_speech)
-            if ends and not talking:
-                out.append(start - max(ends))
-        return out
-
-
-def _speech(frames: list[tuple[float, bytes]]) -> list[tuple[float, float]]:
-    """Caller speech segments, by the same VAD the bridge uses."""
-    vad = VoiceActivityDetector(end_ms=300)
-    convert = InboundConverter()
-    times = [t for t, _ in frames]
-    segments: list[tuple[float, float]] = []
-    start: float | None = None
-    for _, payload in frames:
-        for event in vad.feed(convert.convert(payload)):
-            at = times[min(len(times) - 1, event.offset_ms // 20)]
-            if isinstance(event, SpeechStart):
-                start = at
-            elif isinstance(event, SpeechEnd) and start is not None:
-                segments.append((start, at))
-                start = None
-    if start is not None and times:
-        segments.append((start, times[-1] + 0.02))
-    return segments
-
-
-def _turns(pieces: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    turns: list[tuple[float, float]] = []
-    for start, end in sorted(p for p in pieces if p[1] > p[0]):
-        if turns and start - turns[-1][1] < TURN_GAP_S:
-            turns[-1] = (turns[-1][0], max(end, turns[-1][1]))
-        else:
-            turns.append((start, end))
-    return turns
-
-
-def _playout(sent: list[tuple[float, int]], clears: list[float]) -> list[tuple[float, float]]:
-    """What Twilio played: each media message after the previous one, cut by clears."""
-    pieces: list[tuple[float, float]] = []
-    play_end = 0.0
-    events = sorted([(t, 0, n) for t, n in sent] + [(t, 1, 0) for t in clears])
-    for t, is_clear, nbytes in events:
-        if is_clear:
-            pieces = [(s, min(e, t)) for s, e in pieces if s < t]
-            play_end = t
-        else:
-            start = max(t, play_end)
-            play_end = start + nbytes / 8000
-            pieces.append((start, play_end))
-    return pieces
+        return [start - end for end, start in responses(self.caller_speech, self.agent_turns)]
 
 
 def figures_from_recording(recording: Recording) -> CallFigures:
@@ -168,8 +113,8 @@ def figures_from_recording(recording: Recording) -> CallFigures:
         elif msg["event"] == "mark":
             marks_sent += 1
     return CallFigures(
-        caller_speech=_speech(frames),
-        agent_turns=_turns(_playout(sent, clears)),
+        caller_speech=caller_speech(frames),
+        agent_turns=agent_turns(playout(sent, clears)),
         clears=clears,
         marks_sent=marks_sent,
         marks_echoed=marks_echoed,
@@ -184,8 +129,8 @@ def figures_from_log(log: CallLog) -> CallFigures:
     """The Twilio side's view of a call (what a replay against a remote server can see)."""
     frames = [(t - log.started, payload) for t, payload in log.sent]
     return CallFigures(
-        caller_speech=_speech(frames),
-        agent_turns=_turns([(h.start - log.started, h.end - log.started) for h in log.heard]),
+        caller_speech=caller_speech(frames),
+        agent_turns=agent_turns([(h.start - log.started, h.end - log.started) for h in log.heard]),
         clears=[t - log.started for t in log.clears],
         marks_sent=log.marks_received,
         marks_echoed=log.marks_echoed,

@@ -105,7 +105,7 @@ DIGITS = "0123456789*#"
 SOUNDS = {"mm-hm": "mmhm.ulaw", "cough": "cough.ulaw"}
 """Interjections that ship with the package, by name (files in `assets/`)."""
 REPLY_GAP_S = 0.3
-"""Agent audio separated by less than this is one reply (as `replay.TURN_GAP_S` counts turns)."""
+"""Agent audio separated by less than this is one reply (as `timeline.TURN_GAP_S` counts)."""
 KEY_S = 0.5
 """How long `<Play digits>` takes per key, and per `w` (a `W` waits 1 s): a fair bound on
 Twilio's pace."""
