@@ -40,7 +40,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--public-url", help="https://host Twilio reaches this server at (TELEPHONY_PUBLIC_URL)"
     )
-    serve.add_argument("--session-db", help="SQLite file for sessions (TELEPHONY_SESSION_DB)")
+    serve.add_argument(
+        "--session-uri",
+        help="where sessions are kept: sqlite:///FILE, postgresql+asyncpg://USER:PW@HOST/DB or "
+        "memory:// (TELEPHONY_SESSION_URI, default sqlite:///telephony_sessions.db)",
+    )
+    serve.add_argument("--session-db", help="deprecated: --session-uri sqlite:///FILE")
     serve.add_argument("--model", help="Gemini live model for the built-in agent (TELEPHONY_MODEL)")
     serve.add_argument(
         "--hypercorn-config",
@@ -171,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
             host=args.host,
             port=args.port,
             public_url=args.public_url,
+            session_uri=args.session_uri,
             session_db=args.session_db,
             model=args.model,
             record_dir=args.record,
@@ -231,7 +237,7 @@ def _simulate(args: argparse.Namespace) -> int:
 
     try:
         agent = args.agent or ("gemini" if args.gemini_standin else "echo")
-        settings = Settings.from_env(agent="" if agent == "gemini" else agent, session_db="")
+        settings = Settings.from_env(agent="" if agent == "gemini" else agent, session_uri="")
     except SettingsError as exc:
         print(f"telephony: {exc}", file=sys.stderr)
         return 2

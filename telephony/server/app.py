@@ -29,7 +29,7 @@ from ..twilio.signatures import SignatureChecker, websocket_url
 from ..twilio.twiml import busy, call_parameters, connect_stream, dial, hang_up
 from .capacity import Admission, LoopMonitor
 from .registry import CallRegistry
-from .sessions import PersistentSqliteSessionService
+from .sessions import WriteBehindSessionService
 
 __all__ = [
     "AFTER_STREAM_PATH",
@@ -83,10 +83,9 @@ def create_app(settings: Settings, spec: AgentSpec | None = None) -> Quart:
         # ADK's DEBUG lines print whole requests (transcripts, DTMF text): not with masking on.
         adk_log = logging.getLogger("google_adk")
         adk_log.setLevel(max(adk_log.getEffectiveLevel(), logging.INFO))
+    store = settings.session_store()
     sessions: BaseSessionService = (
-        PersistentSqliteSessionService(settings.session_db)
-        if settings.session_db
-        else InMemorySessionService()
+        WriteBehindSessionService(store) if store else InMemorySessionService()
     )
     runner = Runner(app=spec.app, session_service=sessions, auto_create_session=True)
     options = CallOptions(
@@ -182,7 +181,7 @@ def create_app(settings: Settings, spec: AgentSpec | None = None) -> Quart:
     async def metrics() -> Response | tuple[str, int, dict[str, str]]:
         if not admin():
             return "a valid bearer token is required\n", 401, {"WWW-Authenticate": "Bearer"}
-        lost = sessions.write_errors if isinstance(sessions, PersistentSqliteSessionService) else 0
+        lost = sessions.write_errors if isinstance(sessions, WriteBehindSessionService) else 0
         text = calls.metrics.render(
             active_calls=len(calls), loop_lag_ms=load.lag_ms, loop_busy=load.busy, events_lost=lost
         )
@@ -363,7 +362,7 @@ def create_app(settings: Settings, spec: AgentSpec | None = None) -> Quart:
     async def shutdown() -> None:
         await load.stop()
         await calls.close_all("server shutting down")
-        if isinstance(sessions, PersistentSqliteSessionService):
+        if isinstance(sessions, WriteBehindSessionService):
             await sessions.close()
 
     return app
