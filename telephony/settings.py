@@ -264,11 +264,13 @@ def session_url(uri: str) -> str | None:
         return None
     scheme, sep, rest = uri.partition("://")
     database, _, driver = scheme.partition("+")
-    if not sep or database not in _ASYNC_DRIVERS:
+    if not sep:
+        raise SettingsError(f"{name} must be a URL, e.g. sqlite:///{uri} for that file")
+    if database not in _ASYNC_DRIVERS:
         hint = " (SQLAlchemy spells it postgresql://)" if database == "postgres" else ""
         raise SettingsError(
             f"{name} must be sqlite:///FILE, postgresql+asyncpg://USER:PASSWORD@HOST/DB or "
-            f"memory://, got a {scheme or 'bare'!r} URL{hint}"
+            f"memory://, got a {scheme!r} URL{hint}"
         )
     wanted = _ASYNC_DRIVERS[database]
     if driver not in ("", wanted):

@@ -215,14 +215,15 @@ def create_app(settings: Settings, spec: AgentSpec | None = None) -> Quart:
 
     def stream_twiml(base: str, info: CallInfo, digits: str = "") -> Response:
         """Connects the call's stream to this instance; Twilio asks `AFTER_STREAM_PATH` here
-        what to do when the stream ends."""
+        what to do when the stream ends, and posts the stream's status here (the instance
+        that knows the call)."""
         origin = stream_base(base)
         twiml = connect_stream(
             websocket_url(origin, STREAM_PATH),
             info.stream_parameters(),
             action=origin + AFTER_STREAM_PATH,
             digits=digits,
-            status_callback=public_base() + STATUS_PATH,
+            status_callback=origin + STATUS_PATH,
         )
         return Response(twiml, content_type="text/xml")
 
