@@ -97,6 +97,33 @@ async def test_a_read_sees_every_event_appended_before_it(url: str) -> None:
     await service.close()
 
 
+async def test_a_read_does_not_wait_for_rows_appended_after_it(url: str) -> None:
+    """On a busy server the queue never runs dry: a read waits for what was queued before it
+    only, or it would wait for as long as calls go on talking."""
+    service = WriteBehindSessionService(url)
+    busy = await service.create_session(app_name="a", user_id="u", session_id="CA1")
+    quiet = await service.create_session(app_name="a", user_id="u", session_id="CA2")
+    await service.append_event(quiet, said(0))
+    talking = True
+
+    async def chatter() -> None:
+        n = 0
+        while talking:
+            await service.append_event(busy, said(n))
+            n += 1
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(chatter())
+    read = await asyncio.wait_for(
+        service.get_session(app_name="a", user_id="u", session_id="CA2"), 10
+    )
+    assert read is not None and len(read.events) == 1
+    talking = False
+    await task
+    await service.close()
+    assert service.write_errors == 0
+
+
 async def test_state_deltas_are_stored_as_adk_stores_them(
     url: str, stock: DatabaseSessionService
 ) -> None:

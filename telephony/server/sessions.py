@@ -99,8 +99,11 @@ class WriteBehindSessionService(DatabaseSessionService):
         self.write_errors = 0
         self._queued: list[_Row] = []
         self._wake = asyncio.Event()
-        self._settled = asyncio.Event()
-        self._settled.set()
+        self._appended = 0
+        self._stored = 0
+        """Rows queued so far, and rows the writer is done with (committed or lost)."""
+        self._progress = asyncio.Event()
+        """Set (and replaced) each time the writer is done with a batch."""
         self._writer: asyncio.Task[None] | None = None
         self._schema_checked = False
         sqlalchemy_event.listen(self.db_engine.sync_engine, "connect", self._connected)
@@ -141,7 +144,7 @@ class WriteBehindSessionService(DatabaseSessionService):
             log.exception("session %s: event %s was not saved", session.id, event.id)
             return event
         self._queued.append(row)
-        self._settled.clear()
+        self._appended += 1
         self._wake.set()
         if self._writer is None:
             self._writer = asyncio.create_task(self._write_behind(), name="session-writer")
@@ -149,8 +152,12 @@ class WriteBehindSessionService(DatabaseSessionService):
         return event
 
     async def flush(self) -> None:
-        """Returns once every event appended so far is committed (or reported lost)."""
-        await self._settled.wait()
+        """Returns once every event appended so far is committed (or reported lost); rows
+        appended meanwhile do not hold it up, so a read never waits on a busy server's
+        later writes."""
+        target = self._appended
+        while self._stored < target:
+            await self._progress.wait()
 
     async def get_session(
         self,
@@ -186,7 +193,9 @@ class WriteBehindSessionService(DatabaseSessionService):
             while self._queued:
                 batch, self._queued = self._queued, []
                 await self._commit(batch)
-            self._settled.set()
+                self._stored += len(batch)
+                self._progress.set()
+                self._progress = asyncio.Event()
 
     async def _commit(self, batch: list[_Row]) -> None:
         try:
