@@ -293,3 +293,10 @@ def test_a_missing_driver_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
     )
     with pytest.raises(SettingsError, match=r"needs asyncpg, not installed \(pip install"):
         Settings.from_env({"TELEPHONY_SESSION_URI": "postgresql://u@h/db"})
+
+
+async def test_instances_starting_together_on_a_new_database_all_start(url: str) -> None:
+    """They race to create ADK's tables; the losers find them made."""
+    services = [WriteBehindSessionService(url) for _ in range(4)]
+    await asyncio.gather(*(s.prepare_tables() for s in services))
+    await asyncio.gather(*(s.close() for s in services))

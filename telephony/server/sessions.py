@@ -43,6 +43,7 @@ from google.adk.sessions.schemas.v1 import (
 )
 from sqlalchemy import event as sqlalchemy_event
 from sqlalchemy import select, text, tuple_
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 __all__ = ["SessionStoreError", "WriteBehindSessionService"]
@@ -52,6 +53,7 @@ log = logging.getLogger(__name__)
 SCHEMA_VERSION = "1"
 """The ADK schema the writer's rows follow (`adk_internal_metadata.schema_version`)."""
 
+PREPARE_ATTEMPTS = 5
 _Key = tuple[str, str, str]
 """app_name, user_id, session id."""
 
@@ -117,9 +119,18 @@ class WriteBehindSessionService(DatabaseSessionService):
             cursor.close()
 
     async def prepare_tables(self) -> None:
-        await super().prepare_tables()
+        """ADK's, tried again when instances starting together on a new database race to
+        create the same tables (the loser's DDL or metadata row fails; the tables are there)."""
         if self._schema_checked:
             return
+        for attempt in range(PREPARE_ATTEMPTS):
+            try:
+                await super().prepare_tables()
+                break
+            except DBAPIError:
+                if attempt == PREPARE_ATTEMPTS - 1:
+                    raise
+                await asyncio.sleep(0.05 * 2**attempt)
         async with self.database_session_factory() as db:
             version = await db.scalar(
                 select(StorageMetadata.value).where(StorageMetadata.key == "schema_version")
