@@ -16,11 +16,13 @@ from pathlib import Path
 import pytest
 from google.adk.events import Event, EventActions
 from google.adk.sessions import DatabaseSessionService, Session
+from google.adk.sessions.schemas import v0
 from google.adk.sessions.sqlite_session_service import SqliteSessionService
 from google.genai import types
+from sqlalchemy import create_engine
 
 from telephony.cli import main
-from telephony.server.sessions import WriteBehindSessionService
+from telephony.server.sessions import SessionStoreError, WriteBehindSessionService
 from telephony.settings import Settings, SettingsError
 
 
@@ -300,3 +302,15 @@ async def test_instances_starting_together_on_a_new_database_all_start(url: str)
     services = [WriteBehindSessionService(url) for _ in range(4)]
     await asyncio.gather(*(s.prepare_tables() for s in services))
     await asyncio.gather(*(s.close() for s in services))
+
+
+async def test_a_database_of_adks_older_schema_is_refused_with_what_to_do(tmp_path: Path) -> None:
+    """ADK's schema 0 (events pickled, column by column) is not what the writer writes."""
+    db = tmp_path / "old.db"
+    engine = create_engine(f"sqlite:///{db}")
+    v0.Base.metadata.create_all(engine)
+    engine.dispose()
+    service = WriteBehindSessionService(f"sqlite+aiosqlite:///{db}")
+    with pytest.raises(SessionStoreError, match="schema 0 .*`adk migrate session`"):
+        await service.prepare_tables()
+    await service.close()

@@ -132,9 +132,12 @@ class WriteBehindSessionService(DatabaseSessionService):
                     raise
                 await asyncio.sleep(0.05 * 2**attempt)
         async with self.database_session_factory() as db:
-            version = await db.scalar(
-                select(StorageMetadata.value).where(StorageMetadata.key == "schema_version")
-            )
+            try:
+                version = await db.scalar(
+                    select(StorageMetadata.value).where(StorageMetadata.key == "schema_version")
+                )
+            except DBAPIError:  # no metadata table: schema 0
+                version = None
         if version != SCHEMA_VERSION:
             raise SessionStoreError(
                 f"the session database has ADK's schema {version or '0 (pickled events)'}; "
