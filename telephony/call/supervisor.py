@@ -470,7 +470,7 @@ class LiveSupervisor:
         }
         try:
             if await sessions.get_session(**key) is None:
-                state = {**self._state, STARTED_KEY: time.time()}
+                state = {STARTED_KEY: time.time(), **self._state}  # the call's own, if given
                 if previous := await self._previous_calls():
                     state[PREVIOUS_CALLS_KEY] = previous
                 await sessions.create_session(**key, state=state)
