@@ -45,7 +45,7 @@ from google.adk.sessions.schemas.v1 import (
     StorageUserState,
 )
 from sqlalchemy import event as sqlalchemy_event
-from sqlalchemy import select, text, tuple_
+from sqlalchemy import inspect, select, text, tuple_
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -123,25 +123,22 @@ class WriteBehindSessionService(DatabaseSessionService):
             cursor.close()
 
     async def prepare_tables(self) -> None:
-        """ADK's, tried again when instances starting together on a new database race to
-        create the same tables (the loser's DDL or metadata row fails; the tables are there)."""
+        """ADK's, then a check that the database has the schema the writer writes; tried
+        again when it fails for the moment: instances starting together on a new database
+        race to create the same tables (the losers' DDL or metadata row fails, or ADK finds
+        the metadata table before its row is in: a ValueError), and SQLite is locked by
+        another's DDL."""
         if self._schema_checked:
             return
         for attempt in range(PREPARE_ATTEMPTS):
             try:
                 await super().prepare_tables()
+                version = await self._schema_version()
                 break
-            except DBAPIError:
+            except (DBAPIError, ValueError):
                 if attempt == PREPARE_ATTEMPTS - 1:
                     raise
                 await asyncio.sleep(0.05 * 2**attempt)
-        async with self.database_session_factory() as db:
-            try:
-                version = await db.scalar(
-                    select(StorageMetadata.value).where(StorageMetadata.key == "schema_version")
-                )
-            except DBAPIError:  # no metadata table: schema 0
-                version = None
         if version != SCHEMA_VERSION:
             raise SessionStoreError(
                 f"the session database has ADK's schema {version or '0 (pickled events)'}; "
@@ -149,6 +146,16 @@ class WriteBehindSessionService(DatabaseSessionService):
                 "`adk migrate session`, or use a new database"
             )
         self._schema_checked = True
+
+    async def _schema_version(self) -> str | None:
+        """What `adk_internal_metadata` says; None without it (ADK's schema 0)."""
+        async with self.db_engine.connect() as conn:
+            table = StorageMetadata.__tablename__
+            if not await conn.run_sync(lambda sync: inspect(sync).has_table(table)):
+                return None
+            return await conn.scalar(
+                select(StorageMetadata.value).where(StorageMetadata.key == "schema_version")
+            )
 
     async def append_event(self, session: Session, event: Event) -> Event:
         if event.partial:
