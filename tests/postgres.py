@@ -32,7 +32,7 @@ URI_VARIABLE = "TELEPHONY_TEST_POSTGRES_URI"
 REQUIRE_VARIABLE = "TELEPHONY_REQUIRE_POSTGRES"
 
 
-def _unavailable(reason: str) -> None:
+def unavailable(reason: str) -> None:
     if os.environ.get(REQUIRE_VARIABLE, "") not in ("", "0"):
         pytest.fail(f"PostgreSQL is required ({REQUIRE_VARIABLE}) but {reason}")
     pytest.skip(f"no PostgreSQL: {reason} (set {URI_VARIABLE} or install postgresql)")
@@ -71,7 +71,7 @@ def execute(uri: str, sql: str) -> list[tuple[object, ...]]:
 def postgres_server() -> Iterator[str]:
     """The server of `TELEPHONY_TEST_POSTGRES_URI`, or one of our own."""
     if importlib.util.find_spec("asyncpg") is None:
-        _unavailable("asyncpg is not installed (pip install -e '.[test]')")
+        unavailable("asyncpg is not installed (pip install -e '.[test]')")
     if uri := os.environ.get(URI_VARIABLE, ""):
         yield uri
         return
@@ -84,7 +84,7 @@ def own_server() -> Iterator[str]:
     """initdb + postgres on a temporary directory; yields the server's URI."""
     bindir = _bindir()
     if bindir is None:
-        _unavailable("no initdb found (Debian: apt-get install postgresql)")
+        unavailable("no initdb found (Debian: apt-get install postgresql)")
     assert bindir is not None
     run_as: list[str] = []
     owner = None
@@ -92,7 +92,7 @@ def own_server() -> Iterator[str]:
         try:
             owner = pwd.getpwnam("postgres")
         except KeyError:
-            _unavailable("we are root and there is no postgres user to run the server as")
+            unavailable("we are root and there is no postgres user to run the server as")
         run_as = ["runuser", "-u", "postgres", "--"]
     home = tempfile.mkdtemp(prefix="telephony-pg-")
     if owner is not None:

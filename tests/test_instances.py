@@ -20,6 +20,7 @@ from telephony.settings import Settings
 from telephony.testing.gemini_live import GeminiLiveService, running_in_thread
 from telephony.testing.simulator import CallerSimulator, place_call
 
+from . import postgres
 from .server import echo_process, say, wait_until
 
 CALLER = "+15557770001"
@@ -134,3 +135,14 @@ async def test_each_instance_has_twilio_come_back_to_itself_for_the_call() -> No
     stream = connect.find("Stream")
     assert stream is not None and stream.get("url") == "ws://a1.voice.example.com/stream"
     assert stream.get("statusCallback") == own + "/status"
+
+
+def test_without_postgresql_these_tests_skip_unless_ci_requires_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv(postgres.REQUIRE_VARIABLE, raising=False)
+    with pytest.raises(pytest.skip.Exception, match="no PostgreSQL: no initdb"):
+        postgres.unavailable("no initdb")
+    monkeypatch.setenv(postgres.REQUIRE_VARIABLE, "1")
+    with pytest.raises(pytest.fail.Exception, match="PostgreSQL is required"):
+        postgres.unavailable("no initdb")
