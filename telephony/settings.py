@@ -249,6 +249,8 @@ class Settings:
 
 
 DEFAULT_SESSION_URI = "sqlite:///telephony_sessions.db"
+"""The file earlier versions wrote to by default (`TELEPHONY_SESSION_DB`), in the working
+directory."""
 
 _ASYNC_DRIVERS = {"sqlite": "aiosqlite", "postgresql": "asyncpg"}
 """The driver each database is used through (SQLAlchemy's asyncio extension takes no other),
