@@ -43,7 +43,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--public-url", help="https://host Twilio reaches this server at (TELEPHONY_PUBLIC_URL)"
     )
-    serve.add_argument("--session-db", help="SQLite file for sessions (TELEPHONY_SESSION_DB)")
+    serve.add_argument(
+        "--session-uri",
+        help="where sessions are kept: sqlite:///FILE, postgresql+asyncpg://USER:PW@HOST/DB or "
+        "memory:// (TELEPHONY_SESSION_URI, default sqlite:///telephony_sessions.db)",
+    )
+    serve.add_argument("--session-db", help="deprecated: --session-uri sqlite:///FILE")
     serve.add_argument("--model", help="Gemini live model for the built-in agent (TELEPHONY_MODEL)")
     serve.add_argument(
         "--hypercorn-config",
@@ -185,7 +190,10 @@ def _parser() -> argparse.ArgumentParser:
     show = history.add_parser("show", help="one call: who, how it ended, its timeline")
     show.add_argument("call_sid", help="the call's SID (CA...)")
     for command in (listing, show):
-        command.add_argument("--session-db", help="SQLite file of sessions (TELEPHONY_SESSION_DB)")
+        command.add_argument(
+            "--session-uri", help="the session store to read (TELEPHONY_SESSION_URI)"
+        )
+        command.add_argument("--session-db", help="deprecated: --session-uri sqlite:///FILE")
         command.add_argument(
             "--agent",
             help="the agent whose calls to read: `echo`, a folder, `gemini` (TELEPHONY_AGENT; "
@@ -215,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
                 host=args.host,
                 port=args.port,
                 public_url=args.public_url,
+                session_uri=args.session_uri,
                 session_db=args.session_db,
                 model=args.model,
                 record_dir=args.record,
@@ -308,20 +317,21 @@ def _report(args: argparse.Namespace) -> int:
 def _calls(args: argparse.Namespace) -> int:
     from .agents import load_agent
     from .server.history import BadQuery, HistoryError, calls_text
-    from .server.sessions import PersistentSqliteSessionService
+    from .server.sessions import WriteBehindSessionService
 
     try:
         agent = "" if args.agent == "gemini" else args.agent
-        settings = Settings.from_env(agent=agent, session_db=args.session_db)
-        if not settings.session_db or not Path(settings.session_db).is_file():
-            raise SettingsError(f"no session database at {settings.session_db!r}")
+        settings = Settings.from_env(
+            agent=agent, session_uri=args.session_uri, session_db=args.session_db
+        )
+        store = _stored_sessions(settings)
         app_name = load_agent(settings.agent, settings).app.name
     except (SettingsError, AgentLoadError) as exc:
         print(f"telephony: {exc}", file=sys.stderr)
         return 2
 
     async def read() -> str:
-        sessions = PersistentSqliteSessionService(settings.session_db)
+        sessions = WriteBehindSessionService(store)
         try:
             return await calls_text(
                 sessions,
@@ -343,6 +353,20 @@ def _calls(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stored_sessions(settings: Settings) -> str:
+    """The session store to read the history from; an error for one that holds none (a
+    store in memory, an SQLite file that is not there: opening it would create it)."""
+    from sqlalchemy.engine import make_url
+
+    store = settings.session_store()
+    if store is None:
+        raise SettingsError("sessions are kept in memory (TELEPHONY_SESSION_URI is empty)")
+    url = make_url(store)
+    if url.get_backend_name() == "sqlite" and not Path(url.database or "").is_file():
+        raise SettingsError(f"no session database at {url.database!r}")
+    return store
+
+
 def _origin(settings: Settings) -> str:
     """The server the call comes to: the instance's own URL when several share the public one
     (the call's callbacks and stream all go to the instance that knows of it)."""
@@ -354,7 +378,7 @@ def _simulate(args: argparse.Namespace) -> int:
 
     try:
         agent = args.agent or ("gemini" if args.gemini_standin else "echo")
-        settings = Settings.from_env(agent="" if agent == "gemini" else agent, session_db="")
+        settings = Settings.from_env(agent="" if agent == "gemini" else agent, session_uri="")
     except SettingsError as exc:
         print(f"telephony: {exc}", file=sys.stderr)
         return 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 from collections.abc import Mapping
@@ -10,7 +11,7 @@ from urllib.parse import urlsplit
 
 from .twilio.targets import AllowList, TargetError, transfer_target
 
-__all__ = ["Settings", "SettingsError"]
+__all__ = ["DEFAULT_SESSION_URI", "Settings", "SettingsError", "session_url"]
 
 DEFAULT_GREETING = "(The phone call has just connected. Greet the caller briefly.)"
 
@@ -58,8 +59,14 @@ class Settings:
     voice: str = ""
     language: str = ""
     greeting: str = DEFAULT_GREETING
-    session_db: str = "telephony_sessions.db"
-    """SQLite file of ADK sessions; empty keeps them in memory (lost when the server stops)."""
+    session_uri: str | None = None
+    """Where ADK sessions are kept, in ADK's URL conventions: `sqlite:///FILE` (the default,
+    `sqlite:///telephony_sessions.db`), `postgresql+asyncpg://user:password@host/db` for
+    several instances on one database, or empty / `memory://` for in memory (lost when the
+    server stops). See `session_store`."""
+    session_db: str | None = None
+    """Deprecated: an SQLite file, as `TELEPHONY_SESSION_URI=sqlite:///FILE` (empty: in
+    memory); ignored when `session_uri` is set."""
     record_dir: str = ""
     """Record every call (JSON Lines + WAV) into this folder; empty: off (recordings hold
     personal data)."""
@@ -205,6 +212,7 @@ class Settings:
                 "TELEPHONY_DRAIN_S must be 0 or more and TELEPHONY_STREAM_CONNECT_TIMEOUT_S "
                 "positive"
             )
+        self.session_store()
         try:
             transfers = self.transfers()
         except TargetError as exc:
@@ -228,9 +236,56 @@ class Settings:
         """Listening on a loopback address only: nobody else can reach the server directly."""
         return self.host in ("127.0.0.1", "::1", "localhost") or self.host.startswith("127.")
 
+    def session_store(self) -> str | None:
+        """The SQLAlchemy URL of the session database (with its asyncio driver), or None for
+        sessions in memory. Raises `SettingsError` for a URL this server cannot use."""
+        if self.session_db is not None and self.session_uri is None:
+            return session_url(f"sqlite:///{self.session_db}" if self.session_db else "")
+        return session_url(DEFAULT_SESSION_URI if self.session_uri is None else self.session_uri)
+
     def transfers(self) -> AllowList:
         """Where transfers may go (raises `TargetError` for a malformed entry)."""
         return AllowList.parse(self.transfer_allow or self.transfer_to)
+
+
+DEFAULT_SESSION_URI = "sqlite:///telephony_sessions.db"
+"""The file earlier versions wrote to by default (`TELEPHONY_SESSION_DB`), in the working
+directory."""
+
+_ASYNC_DRIVERS = {"sqlite": "aiosqlite", "postgresql": "asyncpg"}
+"""The driver each database is used through (SQLAlchemy's asyncio extension takes no other),
+with the package that provides it."""
+
+
+def session_url(uri: str) -> str | None:
+    """`TELEPHONY_SESSION_URI` as an SQLAlchemy URL with its asyncio driver (None: in memory):
+    ADK's conventions, where `sqlite:///name` is a file relative to the working directory and
+    `sqlite:////path` an absolute one."""
+    name = "TELEPHONY_SESSION_URI"
+    if uri.strip() in ("", "memory://", "sqlite://"):
+        return None
+    scheme, sep, rest = uri.partition("://")
+    database, _, driver = scheme.partition("+")
+    if not sep:
+        raise SettingsError(f"{name} must be a URL, e.g. sqlite:///{uri} for that file")
+    if database not in _ASYNC_DRIVERS:
+        hint = " (SQLAlchemy spells it postgresql://)" if database == "postgres" else ""
+        raise SettingsError(
+            f"{name} must be sqlite:///FILE, postgresql+asyncpg://USER:PASSWORD@HOST/DB or "
+            f"memory://, got a {scheme!r} URL{hint}"
+        )
+    wanted = _ASYNC_DRIVERS[database]
+    if driver not in ("", wanted):
+        raise SettingsError(
+            f"{name}: use {database}+{wanted}:// (the asyncio driver), not {driver}"
+        )
+    if database == "sqlite" and rest in ("/", ""):
+        raise SettingsError(f"{name}: sqlite:/// needs a file name (sqlite:///sessions.db)")
+    missing = [m for m in ("sqlalchemy", wanted) if importlib.util.find_spec(m) is None]
+    if missing:
+        extra = " (pip install 'telephony[postgres]')" if wanted == "asyncpg" else ""
+        raise SettingsError(f"{name} needs {' and '.join(missing)}, not installed{extra}")
+    return f"{database}+{wanted}://{rest}"
 
 
 def _check_origin(name: str, url: str) -> None:

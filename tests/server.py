@@ -60,7 +60,7 @@ def free_port() -> int:
 @contextmanager
 def running_server(tmp: Path, **overrides: object) -> Iterator[RunningServer]:
     port = free_port()
-    values: dict[str, object] = {"agent": "echo", "session_db": str(tmp / "sessions.db")}
+    values: dict[str, object] = {"agent": "echo", "session_uri": f"sqlite:///{tmp}/sessions.db"}
     values.update(overrides)
     settings = Settings(host="127.0.0.1", port=port, **values)  # type: ignore[arg-type]
     app = create_app(settings)
@@ -92,15 +92,22 @@ def running_server(tmp: Path, **overrides: object) -> Iterator[RunningServer]:
 
 @contextmanager
 def echo_process(
-    tmp: Path, *, env: dict[str, str] | None = None, capture: bool = False
+    tmp: Path,
+    *,
+    env: dict[str, str] | None = None,
+    capture: bool = False,
+    agent: str = "echo",
+    session_uri: str = "",
 ) -> Iterator[tuple[subprocess.Popen[str], str]]:
-    """`telephony serve echo` in a process of its own, as a user runs it; yields the process
-    (its output in `stdout` with `capture`) and its URL once it answers /healthz."""
+    """`telephony serve echo` (or `agent`, empty: the built-in one) in a process of its own,
+    as a user runs it; yields the process (its output in `stdout` with `capture`) and its URL
+    once it answers /healthz. Sessions go to `session_uri`, by default an SQLite file in
+    `tmp`."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "telephony.cli", "serve", "echo", "--port", str(port)]
-        + ["--session-db", str(tmp / "sessions.db")],
+        [sys.executable, "-m", "telephony.cli", "serve", *([agent] if agent else [])]
+        + ["--port", str(port), "--session-uri", session_uri or f"sqlite:///{tmp}/sessions.db"],
         env={**os.environ, **(env or {})},
         stdout=subprocess.PIPE if capture else subprocess.DEVNULL,
         stderr=subprocess.STDOUT if capture else subprocess.DEVNULL,

@@ -1,23 +1,33 @@
-"""What `telephony/call/supervisor.py` relies on in ADK beyond its documented API, checked against
-the installed version (pinned to the minor version these were checked on). When one fails after
-an upgrade, re-read ADK's live flow before relaxing the pin: the workaround may be obsolete, or
-silently broken."""
+"""What `telephony/call/supervisor.py` and `telephony/server/sessions.py` rely on in ADK
+beyond its documented API, checked against the installed version (pinned to the minor version
+these were checked on). When one fails after an upgrade, re-read ADK's live flow (or session
+service) before relaxing the pin: the workaround may be obsolete, or silently broken."""
 
 from __future__ import annotations
 
 import asyncio
 import inspect
 from importlib import metadata
+from pathlib import Path
 
 from google.adk.agents import LlmAgent
 from google.adk.agents.callback_context import CallbackContext
 from google.adk.agents.invocation_context import InvocationContext
 from google.adk.agents.live_request_queue import LiveRequestQueue
 from google.adk.agents.run_config import RunConfig
+from google.adk.events import Event, EventActions
 from google.adk.live import _live_llm_flow
 from google.adk.plugins import BasePlugin
 from google.adk.plugins.plugin_manager import PluginManager
-from google.adk.sessions import InMemorySessionService, Session
+from google.adk.sessions import (
+    BaseSessionService,
+    DatabaseSessionService,
+    InMemorySessionService,
+    Session,
+)
+from google.adk.sessions.schemas import v1
+from google.adk.sessions.schemas.shared import timestamp_to_utc_datetime
+from sqlalchemy import select
 
 
 def _context(queue: LiveRequestQueue) -> InvocationContext:
@@ -94,3 +104,42 @@ def test_plugins_run_in_list_order_with_the_callbacks_used() -> None:
         ("on_event_callback", ["self", "invocation_context", "event"]),
     ]:
         assert list(inspect.signature(getattr(BasePlugin, name)).parameters) == params
+
+
+# What `telephony/server/sessions.py` relies on: ADK's v1 schema classes (a module ADK does not
+# export) and the in-memory half of `append_event` being `BaseSessionService`'s.
+
+
+async def test_the_base_append_changes_only_the_session_in_memory(tmp_path: Path) -> None:
+    service = DatabaseSessionService(f"sqlite+aiosqlite:///{tmp_path / 's.db'}")
+    session = await service.create_session(app_name="a", user_id="u", session_id="s")
+    event = Event(author="user", actions=EventActions(state_delta={"k": 1, "temp:t": 2}))
+    assert await BaseSessionService.append_event(service, session, event) is event
+    assert session.events == [event] and session.state == {"k": 1, "temp:t": 2}
+    assert event.actions.state_delta == {"k": 1}  # temp state trimmed before storing
+    stored = await service.get_session(app_name="a", user_id="u", session_id="s")
+    assert stored is not None and stored.events == [] and stored.state == {}
+    await service.close()
+
+
+async def test_a_new_database_gets_schema_1_and_its_rows_are_the_v1_classes(
+    tmp_path: Path,
+) -> None:
+    service = DatabaseSessionService(f"sqlite+aiosqlite:///{tmp_path / 's.db'}")
+    await service.prepare_tables()
+    async with service.database_session_factory() as db:
+        version = await db.scalar(
+            select(v1.StorageMetadata.value).where(v1.StorageMetadata.key == "schema_version")
+        )
+    assert version == "1"
+    for table in (v1.StorageSession, v1.StorageEvent, v1.StorageAppState, v1.StorageUserState):
+        assert table.metadata is v1.Base.metadata
+    session = Session(id="s", app_name="a", user_id="u")
+    event = Event(author="user", timestamp=1_790_000_000.5)
+    row = v1.StorageEvent.from_event(session, event)
+    assert (row.app_name, row.user_id, row.session_id, row.id) == ("a", "u", "s", event.id)
+    assert row.timestamp == timestamp_to_utc_datetime(event.timestamp)
+    assert row.timestamp.tzinfo is None
+    assert row.event_data == event.model_dump(exclude_none=True, mode="json")
+    assert callable(v1.StorageSession.get_update_timestamp)
+    await service.close()

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from google.adk.sessions.sqlite_session_service import SqliteSessionService
+from google.adk.sessions import DatabaseSessionService
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
@@ -174,17 +174,20 @@ async def test_dtmf_reaches_the_agent(
         await _hang_up_and_check_clean(server, sim)
 
 
-async def test_transcripts_land_in_the_sqlite_file(server: RunningServer) -> None:
+async def test_transcripts_land_in_the_session_database(server: RunningServer) -> None:
     async with _call(server, caller="+15557654321") as sim:
         await asyncio.sleep(0.8)
         _, spoken_end = await say(sim, "stop")
         await wait_until(lambda: bool(_media_after(sim, spoken_end)), 3, "the echo")
         await asyncio.sleep(2.5)
         await _hang_up_and_check_clean(server, sim)
-    sessions = SqliteSessionService(server.settings.session_db)
+    store = server.settings.session_store()
+    assert store is not None and store.startswith("sqlite+aiosqlite:///")
+    sessions = DatabaseSessionService(store)
     session = await sessions.get_session(
         app_name="echo", user_id="+15557654321", session_id=sim.call_sid
     )
+    await sessions.close()
     assert session is not None
     heard = [e.input_transcription.text for e in session.events if e.input_transcription]
     said = [e.output_transcription.text for e in session.events if e.output_transcription]

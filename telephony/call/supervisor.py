@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
@@ -38,6 +39,7 @@ from google.adk.sessions.base_session_service import GetSessionConfig
 from google.genai import types
 
 from .logs import CallLogger
+from .previous import PREVIOUS_CALLS_KEY, STARTED_KEY, previous_calls
 
 __all__ = [
     "CALLER_AUDIO_MIME",
@@ -59,6 +61,8 @@ CALLER_AUDIO_MIME = "audio/pcm;rate=16000"
 CALLER_BACKLOG_LIMIT = 250
 """Requests (20 ms frames) waiting for the model beyond which the oldest caller audio is
 dropped."""
+PREVIOUS_CALLS_TIMEOUT_S = 2.0
+"""How long a new call's session waits for the caller's earlier calls to be read."""
 REPLAY_AUDIO_S = 10.0
 """At most this much of the caller's latest audio is sent again to a new connection."""
 CONNECTION_WINDOW_S = 60.0
@@ -490,9 +494,27 @@ class LiveSupervisor:
         }
         try:
             if await sessions.get_session(**key) is None:
-                await sessions.create_session(**key, state=self._state)
+                state = {STARTED_KEY: time.time(), **self._state}  # the call's own, if given
+                if previous := await self._previous_calls():
+                    state[PREVIOUS_CALLS_KEY] = previous
+                await sessions.create_session(**key, state=state)
         except Exception as exc:  # ADK creates it (without the state) when it can
             self._log("session not created: %r", exc, level=logging.ERROR)
+
+    async def _previous_calls(self) -> str:
+        """The caller's earlier calls; none when the store is slow or fails (the call goes
+        on without them rather than keep the caller waiting for the greeting)."""
+        try:
+            async with asyncio.timeout(PREVIOUS_CALLS_TIMEOUT_S):
+                return await previous_calls(
+                    self._runner.session_service,
+                    app_name=self._runner.app_name,
+                    user_id=self._user_id,
+                    session_id=self._session_id,
+                )
+        except Exception as exc:  # noqa: BLE001 - a lesser agent, not a failed call
+            self._log("earlier calls not read: %r", exc, level=logging.WARNING)
+            return ""
 
     async def _run_live(self, handle: str | None) -> None:
         run_config = self._run_config

@@ -33,7 +33,7 @@ from . import history
 from .capacity import Admission, LoopMonitor
 from .metrics import ServerFigures, metrics_registry
 from .registry import CallRegistry
-from .sessions import PersistentSqliteSessionService
+from .sessions import WriteBehindSessionService
 
 __all__ = [
     "AFTER_STREAM_PATH",
@@ -87,10 +87,9 @@ def create_app(settings: Settings, spec: AgentSpec | None = None) -> Quart:
         # ADK's DEBUG lines print whole requests (transcripts, DTMF text): not with masking on.
         adk_log = logging.getLogger("google_adk")
         adk_log.setLevel(max(adk_log.getEffectiveLevel(), logging.INFO))
+    store = settings.session_store()
     sessions: BaseSessionService = (
-        PersistentSqliteSessionService(settings.session_db)
-        if settings.session_db
-        else InMemorySessionService()
+        WriteBehindSessionService(store) if store else InMemorySessionService()
     )
     runner = Runner(app=spec.app, session_service=sessions, auto_create_session=True)
     options = CallOptions(
@@ -131,7 +130,7 @@ def create_app(settings: Settings, spec: AgentSpec | None = None) -> Quart:
             admission,
             clock=lambda: asyncio.get_running_loop().time(),
             session_write_errors=lambda: (
-                sessions.write_errors if isinstance(sessions, PersistentSqliteSessionService) else 0
+                sessions.write_errors if isinstance(sessions, WriteBehindSessionService) else 0
             ),
         ),
     )
@@ -231,14 +230,15 @@ def create_app(settings: Settings, spec: AgentSpec | None = None) -> Quart:
 
     def stream_twiml(base: str, info: CallInfo, digits: str = "") -> Response:
         """Connects the call's stream to this instance; Twilio asks `AFTER_STREAM_PATH` here
-        what to do when the stream ends."""
+        what to do when the stream ends, and posts the stream's status here (the instance
+        that knows the call)."""
         origin = stream_base(base)
         twiml = connect_stream(
             websocket_url(origin, STREAM_PATH),
             info.stream_parameters(),
             action=origin + AFTER_STREAM_PATH,
             digits=digits,
-            status_callback=public_base() + STATUS_PATH,
+            status_callback=origin + STATUS_PATH,
         )
         return Response(twiml, content_type="text/xml")
 
@@ -408,7 +408,7 @@ def create_app(settings: Settings, spec: AgentSpec | None = None) -> Quart:
     async def shutdown() -> None:
         await load.stop()
         await calls.close_all("server shutting down")
-        if isinstance(sessions, PersistentSqliteSessionService):
+        if isinstance(sessions, WriteBehindSessionService):
             await sessions.close()
 
     return app
