@@ -101,6 +101,10 @@ class Settings:
     caller_idle_s: float = 30.0
     """A caller silent this long after the agent finished is asked (through the model) whether
     they are still there; silent as long again, they hear the goodbye (0: never)."""
+    previous_calls: int = 0
+    """How many of a caller's earlier calls (their last lines) a new call's session starts
+    with, as `user:telephony_previous_calls` (0: none). Off by default: a caller ID is easily
+    forged, and whoever forges a customer's would hear what the agent knows of their calls."""
     transfer_to: str = ""
     """Where the built-in agent's `transfer_call` sends a caller who asks for a person (an
     E.164 number or a SIP URI); empty: it has no transfer tool."""
@@ -165,6 +169,8 @@ class Settings:
             raise SettingsError("TELEPHONY_BARGE_IN_AGGRESSIVENESS must be 0-3")
         if not 1 <= self.barge_in_frames <= 6:
             raise SettingsError("TELEPHONY_BARGE_IN_FRAMES must be 1-6")
+        if not 0 <= self.previous_calls <= 20:
+            raise SettingsError("TELEPHONY_PREVIOUS_CALLS must be 0-20")
         if self.max_calls < 0 or self.max_loop_lag_ms < 0:
             raise SettingsError("TELEPHONY_MAX_CALLS and TELEPHONY_MAX_LOOP_LAG_MS must be >= 0")
         if not 0 <= self.max_loop_busy <= 1:

@@ -71,7 +71,7 @@ async def test_a_callers_next_call_on_another_instance_knows_the_first(
 ) -> None:
     """Instance A answers the first call, instance B the second: B's session starts with
     A's call summed up in the caller's state, and the built-in agent's instruction has it."""
-    env = gemini.environ()
+    env = gemini.environ() | {"TELEPHONY_PREVIOUS_CALLS": "3"}
     with (
         echo_process(tmp_path, agent="", session_uri=postgres_uri, env=env) as (_, a),
         echo_process(tmp_path, agent="", session_uri=postgres_uri, env=env) as (_, b),

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 from typing import NoReturn
 
 import pytest
 from google.adk.agents.run_config import RunConfig
 from google.adk.events import Event
 from google.adk.runners import Runner
-from google.adk.sessions import InMemorySessionService
+from google.adk.sessions import InMemorySessionService, Session
 from google.genai import types
 
 from telephony.agents.echo import echo_app
@@ -25,7 +26,11 @@ from telephony.call.previous import (
     previous_calls,
 )
 from telephony.call.supervisor import PREVIOUS_CALLS_TIMEOUT_S, LiveSupervisor
+from telephony.testing.simulator import place_call
 from telephony.testing.virtual_clock import run_virtual
+
+from .audio_tools import fixture
+from .server import RunningServer, running_server, wait_until
 
 
 def line(who: str, text: str, at: float) -> Event:
@@ -104,7 +109,9 @@ class _SlowStore(InMemorySessionService):
         raise AssertionError("unreachable")
 
 
-async def _first_turn_state(sessions: InMemorySessionService, caller: str) -> dict[str, object]:
+async def _first_turn_state(
+    sessions: InMemorySessionService, caller: str, previous: int = MAX_CALLS
+) -> dict[str, object]:
     """Starts a call's live session for `caller` (echo agent) and returns its session's state
     once the session exists; also how long that took on the (virtual) clock."""
     runner = Runner(app=echo_app(), session_service=sessions, auto_create_session=True)
@@ -116,6 +123,7 @@ async def _first_turn_state(sessions: InMemorySessionService, caller: str) -> di
         state={"telephony_caller": caller},
         restarts=0,
         connections_per_minute=6,
+        previous_calls=previous,
         on_event=_ignore,
         on_reconnect=lambda: False,
         log=CallLogger("CAnow", mask=False),
@@ -139,16 +147,17 @@ async def _ignore(event: object, output: bool) -> None:
     pass
 
 
-def test_a_new_calls_session_starts_with_the_callers_earlier_calls() -> None:
-    async def main() -> dict[str, object]:
-        sessions = InMemorySessionService()
-        earlier = await sessions.create_session(
-            app_name="echo", user_id="+1555", session_id="CAbefore", state={STARTED_KEY: 1.0}
-        )
-        await sessions.append_event(earlier, line("caller", "my order is late", 30.0))
-        return await _first_turn_state(sessions, "+1555")
+async def _after_one_call(previous: int) -> dict[str, object]:
+    sessions = InMemorySessionService()
+    earlier = await sessions.create_session(
+        app_name="echo", user_id="+1555", session_id="CAbefore", state={STARTED_KEY: 1.0}
+    )
+    await sessions.append_event(earlier, line("caller", "my order is late", 30.0))
+    return await _first_turn_state(sessions, "+1555", previous)
 
-    state = run_virtual(main())
+
+def test_a_new_calls_session_starts_with_the_callers_earlier_calls() -> None:
+    state = run_virtual(_after_one_call(MAX_CALLS))
     assert state[PREVIOUS_CALLS_KEY] == "\n".join(
         [
             "Earlier calls from this number (oldest first):",
@@ -168,3 +177,44 @@ def test_a_store_too_slow_for_earlier_calls_does_not_hold_the_call_up(
     assert PREVIOUS_CALLS_KEY not in state and state["telephony_caller"] == "+1555"
     assert state["took"] == pytest.approx(PREVIOUS_CALLS_TIMEOUT_S, abs=0.2)
     assert "earlier calls not read: TimeoutError()" in caplog.text
+
+
+def test_earlier_calls_are_given_only_when_asked_for() -> None:
+    """Off by default (`TELEPHONY_PREVIOUS_CALLS=0`): a caller ID is easily forged."""
+    state = run_virtual(_after_one_call(0))
+    assert PREVIOUS_CALLS_KEY not in state and state["telephony_caller"] == "+1555"
+
+
+async def test_an_outbound_calls_earlier_calls_are_not_given(tmp_path: Path) -> None:
+    """An outbound call's `From` is the operator's own number: the calls before it under that
+    "caller" were to other people, and must not reach this one's agent."""
+    ours = "+15550009999"
+    with running_server(tmp_path, previous_calls=MAX_CALLS) as server:
+
+        async def call(sid: str, to: str, direction: str) -> dict[str, object]:
+            async with place_call(
+                server.base_url,
+                call_sid=sid,
+                caller=ours,
+                callee=to,
+                webhook_fields={"Direction": direction},
+            ) as sim:
+                await sim.say(fixture("hello"))
+                await sim.finish_speaking()
+                await wait_until(lambda: sim.log.heard, 10, "the echo")
+                await sim.hang_up()
+            return (await _stored(server, ours, sid)).state
+
+        await call("CA1" + "0" * 31, "+15550000001", "outbound-api")
+        second = await call("CA2" + "0" * 31, "+15550000002", "outbound-api")
+        inbound = await call("CA3" + "0" * 31, "+15550000003", "inbound")  # gets them
+    assert PREVIOUS_CALLS_KEY not in second
+    assert inbound[PREVIOUS_CALLS_KEY].startswith("Earlier calls from this number")
+
+
+async def _stored(server: RunningServer, user: str, sid: str) -> Session:
+    service = server.app.extensions["telephony.runner"].session_service
+    get = service.get_session(app_name="echo", user_id=user, session_id=sid)
+    session = await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(get, server.loop))
+    assert session is not None
+    return session

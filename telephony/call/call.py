@@ -193,6 +193,8 @@ class CallOptions:
     """The call's time limit: the model is asked to wrap up a minute before, then the caller
     hears the recorded goodbye (0: none)."""
     caller_idle_s: float = 0.0
+    previous_calls: int = 0
+    """Earlier calls of the same caller the session starts with (see `previous`)."""
     """A caller silent this long after the agent finished is asked through the model whether
     they are still there; as long again, and they hear the goodbye (0: never)."""
 
@@ -233,6 +235,8 @@ class Call:
             state={**info.state(), "telephony_started_at": self.record.started_at},
             restarts=options.model_restarts,
             connections_per_minute=options.model_connections_per_minute,
+            # an outbound call's `From` is our own number: its earlier calls are strangers'
+            previous_calls=0 if info.direction.startswith("outbound") else options.previous_calls,
             on_event=self._on_model_event,
             on_reconnect=self._on_reconnect,
             log=self._log,

@@ -29,7 +29,7 @@ PREVIOUS_CALLS_KEY = "user:telephony_previous_calls"
 STARTED_KEY = "telephony_started_at"
 """Session state key: when the call's session was created (seconds since the epoch)."""
 MAX_CALLS = 3
-"""Earlier calls summed up, the latest ones."""
+"""Earlier calls summed up by default, the latest ones."""
 MAX_LINES = 6
 """Transcript lines kept of each, its last ones."""
 MAX_LINE_CHARS = 200
@@ -41,16 +41,21 @@ _WITHHELD = frozenset({"", "unknown", "anonymous", "restricted", "private", "+26
 
 
 async def previous_calls(
-    sessions: BaseSessionService, *, app_name: str, user_id: str, session_id: str
+    sessions: BaseSessionService,
+    *,
+    app_name: str,
+    user_id: str,
+    session_id: str,
+    limit: int = MAX_CALLS,
 ) -> str:
-    """The summary of the caller's latest calls before `session_id` (empty: none, or a
-    withheld number)."""
+    """The summary of the caller's latest `limit` calls before `session_id` (empty: none, or
+    a withheld number)."""
     if user_id.strip().lower() in _WITHHELD:
         return ""
     listed = await sessions.list_sessions(app_name=app_name, user_id=user_id)
     earlier = sorted(
         (s for s in listed.sessions if s.id != session_id), key=lambda s: s.last_update_time
-    )[-MAX_CALLS:]
+    )[-limit:]
     config = GetSessionConfig(num_recent_events=RECENT_EVENTS)
     calls = []
     for listed_call in earlier:

@@ -261,6 +261,7 @@ class LiveSupervisor:
         state: dict[str, Any] | None = None,
         restarts: int,
         connections_per_minute: int,
+        previous_calls: int = 0,
         on_event: Callable[[Event, bool], Awaitable[None]],
         on_reconnect: Callable[[], bool],
         log: CallLogger,
@@ -278,6 +279,8 @@ class LiveSupervisor:
         """The session's state when the call creates it (the caller's facts)."""
         self._restarts = restarts
         self._budget = connections_per_minute
+        self._previous = previous_calls
+        """How many of the caller's earlier calls the new session starts with."""
         self._on_event = on_event
         self._on_reconnect = on_reconnect
         self._log = log
@@ -495,7 +498,7 @@ class LiveSupervisor:
         try:
             if await sessions.get_session(**key) is None:
                 state = {STARTED_KEY: time.time(), **self._state}  # the call's own, if given
-                if previous := await self._previous_calls():
+                if self._previous and (previous := await self._previous_calls()):
                     state[PREVIOUS_CALLS_KEY] = previous
                 await sessions.create_session(**key, state=state)
         except Exception as exc:  # ADK creates it (without the state) when it can
@@ -511,6 +514,7 @@ class LiveSupervisor:
                     app_name=self._runner.app_name,
                     user_id=self._user_id,
                     session_id=self._session_id,
+                    limit=self._previous,
                 )
         except Exception as exc:  # noqa: BLE001 - a lesser agent, not a failed call
             self._log("earlier calls not read: %r", exc, level=logging.WARNING)

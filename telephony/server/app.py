@@ -111,6 +111,7 @@ def create_app(settings: Settings, spec: AgentSpec | None = None) -> Quart:
         heard_notes=settings.heard_notes,
         max_call_s=settings.max_call_s,
         caller_idle_s=settings.caller_idle_s,
+        previous_calls=settings.previous_calls,
     )
     calls = CallRegistry(
         lambda info: Call(info, runner=runner, run_config=spec.run_config, options=options),
