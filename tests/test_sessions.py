@@ -20,8 +20,10 @@ from google.adk.sessions.schemas import v0
 from google.adk.sessions.sqlite_session_service import SqliteSessionService
 from google.genai import types
 from sqlalchemy import create_engine
+from sqlalchemy.exc import OperationalError
 
 from telephony.cli import main
+from telephony.server import sessions
 from telephony.server.sessions import SessionStoreError, WriteBehindSessionService
 from telephony.settings import Settings, SettingsError
 
@@ -164,6 +166,48 @@ async def test_a_row_that_cannot_be_written_costs_no_other_row(
     await service.append_event(kept, said(3))
     await service.close()
     assert await stored(stock, "CA1") == ["turn 0", "turn 2", "turn 3"]
+
+
+async def test_a_database_out_of_reach_for_a_while_costs_no_row(
+    url: str, stock: DatabaseSessionService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The batch waits and is tried again whole (not row by row against a database that is
+    down); meanwhile a read does not wait for it past `READ_WAIT_S`."""
+    monkeypatch.setattr(sessions, "RETRY_S", (0.2,) * 6)
+    monkeypatch.setattr(sessions, "READ_WAIT_S", 0.05)
+    service = WriteBehindSessionService(url)
+    session = await service.create_session(app_name="a", user_id="u", session_id="CA1")
+    write = service._transaction
+    failures = [0]
+
+    async def out_of_reach(batch: list[object]) -> None:
+        if failures[0] < 2:
+            failures[0] += 1
+            raise OperationalError("connect", {}, ConnectionRefusedError("refused"))
+        await write(batch)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(service, "_transaction", out_of_reach)
+    for n in range(3):
+        await service.append_event(session, said(n))
+    started = asyncio.get_running_loop().time()
+    assert await service.get_session(app_name="a", user_id="u", session_id="CA1") is not None
+    assert asyncio.get_running_loop().time() - started < 0.15  # did not wait out the outage
+    await service.close()
+    assert await stored(stock, "CA1") == ["turn 0", "turn 1", "turn 2"]
+    assert (failures[0], service.batches_committed, service.write_errors) == (2, 1, 0)
+
+
+async def test_a_backlog_is_committed_in_bounded_batches(
+    url: str, stock: DatabaseSessionService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sessions, "MAX_BATCH", 3)
+    service = WriteBehindSessionService(url)
+    session = await service.create_session(app_name="a", user_id="u", session_id="CA1")
+    for n in range(7):
+        await service.append_event(session, said(n))
+    await service.close()
+    assert await stored(stock, "CA1") == [f"turn {n}" for n in range(7)]
+    assert service.batches_committed == 3
 
 
 async def test_close_writes_everything_appended(url: str, stock: DatabaseSessionService) -> None:

@@ -46,7 +46,7 @@ from google.adk.sessions.schemas.v1 import (
 )
 from sqlalchemy import event as sqlalchemy_event
 from sqlalchemy import inspect, select, text, tuple_
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 __all__ = ["SessionStoreError", "WriteBehindSessionService"]
@@ -58,6 +58,15 @@ SCHEMA_VERSION = "1"
 
 PREPARE_ATTEMPTS = 5
 """Tries at creating ADK's tables, for instances starting together on a new database."""
+MAX_BATCH = 500
+"""Rows per transaction at most: a backlog (after the database stalled) is committed in
+pieces, each of which builds its ORM rows on the event loop for a few tens of ms at most."""
+RETRY_S = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0)
+"""Waits before a batch that failed with the database out of reach is tried again (30 s in
+all); then its rows are tried one at a time, and those that fail are lost and counted."""
+READ_WAIT_S = 2.0
+"""How long a read waits for the rows queued before it; past that (the database is out of
+reach), it reads what is stored, so a new call starts without waiting on the outage."""
 _Key = tuple[str, str, str]
 """app_name, user_id, session id."""
 
@@ -184,6 +193,18 @@ class WriteBehindSessionService(DatabaseSessionService):
         while self._stored < target:
             await self._progress.wait()
 
+    async def _flushed_for_read(self) -> None:
+        """`flush`, for at most `READ_WAIT_S`."""
+        try:
+            async with asyncio.timeout(READ_WAIT_S):
+                await self.flush()
+        except TimeoutError:
+            log.warning(
+                "session store: %d row(s) still unwritten after %.0f s; reading without them",
+                self._appended - self._stored,
+                READ_WAIT_S,
+            )
+
     async def get_session(
         self,
         *,
@@ -192,7 +213,7 @@ class WriteBehindSessionService(DatabaseSessionService):
         session_id: str,
         config: GetSessionConfig | None = None,
     ) -> Session | None:
-        await self.flush()
+        await self._flushed_for_read()
         return await super().get_session(
             app_name=app_name, user_id=user_id, session_id=session_id, config=config
         )
@@ -200,11 +221,11 @@ class WriteBehindSessionService(DatabaseSessionService):
     async def list_sessions(
         self, *, app_name: str, user_id: str | None = None
     ) -> ListSessionsResponse:
-        await self.flush()
+        await self._flushed_for_read()
         return await super().list_sessions(app_name=app_name, user_id=user_id)
 
     async def get_user_state(self, *, app_name: str, user_id: str) -> dict[str, Any]:
-        await self.flush()
+        await self._flushed_for_read()
         return await super().get_user_state(app_name=app_name, user_id=user_id)
 
     async def delete_session(self, *, app_name: str, user_id: str, session_id: str) -> None:
@@ -216,21 +237,45 @@ class WriteBehindSessionService(DatabaseSessionService):
             await self._wake.wait()
             self._wake.clear()
             while self._queued:
-                batch, self._queued = self._queued, []
-                await self._commit(batch)
+                batch, self._queued = self._queued[:MAX_BATCH], self._queued[MAX_BATCH:]
+                await self._commit_or_retry(batch)
                 self._stored += len(batch)
                 self._progress.set()
                 self._progress = asyncio.Event()
 
+    async def _commit_or_retry(self, batch: list[_Row]) -> None:
+        """A batch the database could not take for the moment (out of reach, locked) waits and
+        is tried again whole, rather than row by row against a database that is down."""
+        for wait in RETRY_S:
+            try:
+                await self._transaction(batch)
+                return
+            except (DBAPIError, OSError, TimeoutError) as exc:
+                if isinstance(exc, DBAPIError) and not _transient(exc):
+                    break
+                log.warning(
+                    "session store: %d row(s) not written (%r); trying again in %.1f s",
+                    len(batch),
+                    exc,
+                    wait,
+                )
+                await asyncio.sleep(wait)
+            except Exception:  # noqa: BLE001 - a bad row: found below, one at a time
+                break
+        await self._commit(batch)
+
+    async def _transaction(self, batch: list[_Row]) -> None:
+        await self.prepare_tables()
+        async with self.database_session_factory() as db, db.begin():
+            if self.db_engine.dialect.name == "sqlite":
+                # no row locks: the database's write lock, before the rows are read
+                await db.execute(text("BEGIN IMMEDIATE"))
+            await _write(db, batch)
+        self.batches_committed += 1
+
     async def _commit(self, batch: list[_Row]) -> None:
         try:
-            await self.prepare_tables()
-            async with self.database_session_factory() as db, db.begin():
-                if self.db_engine.dialect.name == "sqlite":
-                    # no row locks: the database's write lock, before the rows are read
-                    await db.execute(text("BEGIN IMMEDIATE"))
-                await _write(db, batch)
-            self.batches_committed += 1
+            await self._transaction(batch)
             return
         except Exception:  # noqa: BLE001 - the writer must outlive any one bad batch
             if len(batch) == 1:
@@ -242,12 +287,19 @@ class WriteBehindSessionService(DatabaseSessionService):
             await self._commit([row])
 
     async def close(self) -> None:
-        await self.flush()
+        """Returns once every row appended, before or during the close, is written or lost."""
+        while self._stored < self._appended:
+            await self.flush()
         if self._writer is not None:
             self._writer.cancel()
             await asyncio.wait({self._writer})
             self._writer = None
         await super().close()
+
+
+def _transient(exc: DBAPIError) -> bool:
+    """The database is out of reach or busy, rather than refusing the rows."""
+    return exc.connection_invalidated or isinstance(exc, OperationalError | InterfaceError)
 
 
 async def _write(db: AsyncSession, batch: list[_Row]) -> None:
