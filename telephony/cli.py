@@ -315,9 +315,11 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _calls(args: argparse.Namespace) -> int:
+    from sqlalchemy.exc import SQLAlchemyError
+
     from .agents import load_agent
     from .server.history import BadQuery, HistoryError, calls_text
-    from .server.sessions import WriteBehindSessionService
+    from .server.sessions import SessionStoreError, WriteBehindSessionService
 
     try:
         agent = "" if args.agent == "gemini" else args.agent
@@ -350,6 +352,9 @@ def _calls(args: argparse.Namespace) -> int:
     except HistoryError as exc:
         print(f"telephony: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, BadQuery) else 1
+    except (SQLAlchemyError, SessionStoreError, OSError) as exc:
+        print(f"telephony: cannot read the session store: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

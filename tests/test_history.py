@@ -19,7 +19,7 @@ from google.genai import types
 
 from telephony.agents import AgentSpec, phone_run_config
 from telephony.agents.echo import EchoFaults, echo_app
-from telephony.call import Outcome
+from telephony.call import CallInfo, Outcome
 from telephony.call.record import CallRecord, end_event, record_event, status_event
 from telephony.cli import main
 from telephony.server.app import create_app
@@ -32,6 +32,7 @@ from telephony.server.history import (
     format_summary,
     list_calls,
     parse_since,
+    store_unstarted,
 )
 from telephony.settings import Settings
 from telephony.testing.gemini_live import FaultPlan, GeminiLiveService, running_in_thread
@@ -168,6 +169,10 @@ def test_masking_hides_the_numbers_not_the_words() -> None:
     shown = format_call(_transferred_call(), mask=True, tz=UTC)
     assert "+15551234567" not in shown and "+*******4567" in shown
     assert "transferred to +*******4321" in shown and "When are you open?" in shown
+    # nor the digits a tool was given, nor the keys pressed (a PIN, an account number)
+    assert "+15557654321" not in shown
+    assert "transfer_call(transfer_to='+*******4321')" in shown
+    assert "caller pressed **" in shown and "pressed 1#" not in shown
 
 
 def test_a_list_line_says_when_who_how_long_and_how_it_ended() -> None:
@@ -522,3 +527,31 @@ def test_a_call_s_record_waits_for_its_session_keeps_order_and_counts_losses() -
         "telephony_turns",
         "telephony_call_status",
     }
+
+
+def test_a_turned_away_call_keeps_twilios_last_word_in_its_own_session() -> None:
+    """Turned away at the webhook, the call's session holds how; Twilio's final status comes
+    later for the same call and joins it (a second session would be refused)."""
+
+    async def main() -> Session | None:
+        sessions = InMemorySessionService()
+        info = CallInfo("CA1", "+15551234567", "+15550002222")
+        how = {"outcome": Outcome.REFUSED, "reason": "busy"}
+        await store_unstarted(sessions, "a", info, [], **how)
+        final = status_event({"CallStatus": "completed", "CallDuration": "4"})
+        await store_unstarted(sessions, "a", info, [final], **how)
+        return await sessions.get_session(app_name="a", user_id=info.caller, session_id="CA1")
+
+    session = run_virtual(main())
+    assert session is not None
+    kinds = [next(iter(e.custom_metadata or {}), "") for e in session.events]
+    assert kinds == ["telephony_end", "telephony_status"]
+
+
+def test_a_store_that_cannot_be_read_is_a_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    garbage = tmp_path / "sessions.db"
+    garbage.write_bytes(b"not a database at all" * 100)
+    assert main(["calls", "list", "--agent", "echo", "--session-uri", f"sqlite:///{garbage}"]) == 2
+    assert "cannot read the session store" in capsys.readouterr().err

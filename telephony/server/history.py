@@ -219,16 +219,26 @@ async def store_unstarted(
     reason: str,
 ) -> None:
     """The history of a call that never reached an agent (turned away busy, an outbound call
-    not answered): a session of its own, with what is known and how it ended."""
+    not answered): a session of its own, with what is known and how it ended. A call that has
+    its session already (turned away, then Twilio's last callbacks) gets the events added."""
     kept = list(events)
     started_at = kept[0].timestamp if kept else time.time()
-    state = {**info.state(), "telephony_started_at": started_at}
-    session = await sessions.create_session(
-        app_name=app_name, user_id=info.caller or "unknown", session_id=info.call_sid, state=state
-    )
-    ending = end_event(outcome, reason, started_at=started_at, direction=info.direction)
-    for event in [*kept, ending]:
+    key = {"app_name": app_name, "user_id": info.caller or "unknown", "session_id": info.call_sid}
+    session = await sessions.get_session(**key, config=GetSessionConfig(num_recent_events=1))
+    if session is None:
+        state = {**info.state(), "telephony_started_at": started_at}
+        session = await sessions.create_session(**key, state=state)
+        kept.append(end_event(outcome, reason, started_at=started_at, direction=info.direction))
+    for event in kept:
         await sessions.append_event(session=session, event=event)
+
+
+def _masked(value: object, mask: bool) -> object:
+    """A tool's argument or result with the phone numbers and key sequences in it masked
+    (`+15551234567` -> `+*******4567`, as in the logs)."""
+    if not mask or not isinstance(value, str):
+        return value
+    return re.sub(r"[+\d][\d*#wW -]{3,}[\d*#]", lambda m: mask_number(m.group()), value)
 
 
 def _number(number: str, mask: bool) -> str:
@@ -362,11 +372,13 @@ _FACTS = {
 `telephony_reconnect` whose `restarts` went up reads as a restart."""
 
 
-def _fact(event: Event, restarts: int) -> tuple[str, str] | None:
+def _fact(event: Event, restarts: int, mask: bool) -> tuple[str, str] | None:
     for kind in ("keys", "barge_in", "reconnect"):
         if (fields := _record(event, kind)) is not None:
             if kind == "reconnect" and int(fields.get("restarts") or 0) > restarts:
                 kind = "restart"
+            if kind == "keys" and mask:  # a PIN, an account number: as the logs keep them
+                fields = {**fields, "digits": "*" * len(str(fields.get("digits", "")))}
             shown, text = _FACTS[kind]
             return shown, text.format_map(defaultdict(lambda: "?", fields))
     return None
@@ -390,7 +402,7 @@ def _timeline(events: list[Event], mask: bool) -> list[_Line]:
             continue
         if (pressed := _record(event, "keys")) is not None:
             keys = str(pressed.get("digits", ""))
-        if (fact := _fact(event, restarts)) is not None:
+        if (fact := _fact(event, restarts, mask)) is not None:
             lines.append(_Line(at, *fact))
         if (again := _record(event, "reconnect")) is not None:
             restarts = max(restarts, int(again.get("restarts") or 0))
@@ -400,15 +412,18 @@ def _timeline(events: list[Event], mask: bool) -> list[_Line]:
             how = OUTCOME_TEXT.get(str(end.get("outcome")), str(end.get("outcome")))
             if target := end.get("transfer_to"):
                 how += f" to {_number(str(target), mask)}"
-            reason = str(end.get("reason", ""))
+            reason = str(_masked(str(end.get("reason", "")), mask))
             lines.append(_Line(at, "end", how if reason.startswith(how) else f"{how}: {reason}"))
         for part in event.content.parts if event.content and event.content.parts else ():
             if part.function_call is not None:
-                args = ", ".join(f"{k}={v!r}" for k, v in (part.function_call.args or {}).items())
+                args = ", ".join(
+                    f"{k}={_masked(v, mask)!r}" for k, v in (part.function_call.args or {}).items()
+                )
                 lines.append(_Line(at, "tool", f"{part.function_call.name}({args})"))
             elif part.function_response is not None:
                 result = part.function_response.response or {}
                 shown = result.get("result", result) if isinstance(result, dict) else result
+                shown = _masked(shown, mask)
                 lines.append(_Line(at, "result", f"{part.function_response.name}: {shown}"))
             elif part.text and event.author == "user":
                 if keys and f"pressed {keys}" in part.text:
