@@ -86,9 +86,12 @@ MACHINE_ANSWERED = (
 URGENT_AFTER_ONSET_S = 0.3
 """After our VAD hears the caller start, each frame goes to the model as it comes: its own VAD
 wants some 200 ms of speech before it interrupts its reply."""
-URGENT_AFTER_END_S = 0.5
-"""The same after our VAD hears the caller stop (600 ms of silence): the model ends the turn
-after 500-800 ms of it, and answers then."""
+URGENT_PAUSE_MS = 400
+"""The same once the caller has been silent this long after speech: the model's VAD ends a
+turn after 500-800 ms of silence, and answers then, so the frames that complete its silence
+must not wait in a batch (earlier ones may: they are sent with the first that may not)."""
+URGENT_AFTER_END_S = 0.3
+"""And on after our VAD ends the utterance (600 ms of silence): to 900 ms."""
 STREAM_RETURN_S = 60.0
 """A call that let its stream go for Twilio to press keys ends if no new stream comes by then
 (64 keys with pauses take well under it)."""
@@ -380,9 +383,9 @@ class Call:
         for speech in changes:
             after = URGENT_AFTER_ONSET_S if isinstance(speech, SpeechStart) else URGENT_AFTER_END_S
             self._urgent_until = now + after
-        # The model's own VAD decides its turns: frames around an onset or an end (or in a
-        # pause that may be one) go at once, the rest in batches (see CALLER_BATCH_BYTES).
-        urgent = now < self._urgent_until or self._vad.silence_ms > 0
+        # The model's own VAD decides its turns: frames around an onset or an end (or late in
+        # a pause that may be one) go at once, the rest in batches (see CALLER_BATCH_BYTES).
+        urgent = now < self._urgent_until or self._vad.silence_ms >= URGENT_PAUSE_MS
         self.live.send_caller_audio(self._suppressor.process(pcm, echo), hold=not urgent)
         for speech in changes:
             if isinstance(speech, SpeechStart):
