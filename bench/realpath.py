@@ -78,9 +78,11 @@ class Process:
         self.proc = proc
 
     @classmethod
-    def listening(cls, args: list[str], env: dict[str, str], port: int) -> Process:
+    def listening(
+        cls, args: list[str], env: dict[str, str], port: int, cwd: Path = ROOT
+    ) -> Process:
         """Started, once it accepts connections on `port`."""
-        self = cls(subprocess.Popen(args, env=env, cwd=ROOT, stderr=subprocess.DEVNULL, text=True))
+        self = cls(subprocess.Popen(args, env=env, cwd=cwd, stderr=subprocess.DEVNULL, text=True))
         ready = _listening(port)
         for _ in range(600):
             if self.proc.poll() is not None:
@@ -147,19 +149,22 @@ class Target:
     """The bare relay: a WebSocket the simulator opens directly."""
 
 
-def start_product(env: dict[str, str], tmp: str) -> Target:
+def start_product(env: dict[str, str], tmp: str, checkout: Path = ROOT) -> Target:
+    """`telephony serve` of `checkout` (this one by default)."""
     port = free_port()
     env = {
         **env,
+        "PYTHONPATH": str(checkout),
         "TELEPHONY_LOG_LEVEL": "WARNING",
         # the bench measures the path, not admission: nothing is turned away
         "TELEPHONY_MAX_LOOP_BUSY": "0",
         "TELEPHONY_MAX_LOOP_LAG_MS": "0",
     }
     args = [sys.executable, "-m", "telephony.cli", "serve", "--port", str(port)]
-    args += ["--session-db", str(Path(tmp) / "sessions.db")]
-    process = Process.listening(args, env, port)
-    return Target("telephony", process, f"http://127.0.0.1:{port}", "")
+    args += ["--session-db", str(Path(tmp) / f"sessions-{port}.db")]
+    process = Process.listening(args, env, port, cwd=checkout)
+    name = "telephony" if checkout == ROOT else checkout.name
+    return Target(name, process, f"http://127.0.0.1:{port}", "")
 
 
 def start_bare(env: dict[str, str]) -> Target:
@@ -353,6 +358,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0, help="talking phase per round")
     parser.add_argument("--rounds", type=int, default=1, help="rounds per server at each N")
     parser.add_argument("--only", choices=("telephony", "bare"), help="load one server only")
+    parser.add_argument(
+        "--against",
+        type=Path,
+        metavar="CHECKOUT",
+        help="also load the telephony serve of another checkout (before/after, interleaved)",
+    )
     parser.add_argument("--standin", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.standin:
@@ -365,6 +376,8 @@ def main() -> None:
         try:
             if args.only != "telephony":
                 targets.append(start_bare(env))
+            if args.only != "bare" and args.against:
+                targets.append(start_product(env, tmp, args.against.resolve()))
             if args.only != "bare":
                 targets.append(start_product(env, tmp))
             print(
