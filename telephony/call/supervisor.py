@@ -148,7 +148,7 @@ class CallerAudioQueue(LiveRequestQueue):
     """The queue ADK reads caller input from, as its supervisor sees it.
 
     ADK never pushes back: when the model stops reading (a stall, a reconnect), only the newest
-    5 s of caller audio wait for it, the oldest frame making room for each new one, so the
+    5 s of caller audio wait for it, the oldest piece making room for each new one, so the
     model comes back to what the caller says now (the end of a question, an answer) rather than
     to what they said while nobody listened. Requests to replay are served before the backlog.
 
