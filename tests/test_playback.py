@@ -294,10 +294,7 @@ async def test_a_reply_starts_with_one_message_that_outlasts_the_jitter() -> Non
     assert media() == [1600]  # 180 ms gathered: one message
     player.enqueue(b"\x00" * 320)
     await player.flush()
-    assert media() == [1600]  # less than a message waits while Twilio holds the lead less one
-    clock.now += 0.01
-    await player.flush()
-    assert media() == [1600, 320]  # then the rest of the reply flows as it comes
+    assert media() == [1600, 320]  # the rest of the reply flows as it comes
     assert player.gaps.counts[0] == 2  # a deliberate wait is no gap
     # A reply shorter than the jitter waits no longer than the jitter.
     clock.now += 10

@@ -410,13 +410,7 @@ class Player:
         prime = self._prime_s(now)
         if self._queued / BYTES_PER_SECOND < prime:
             return self._queue[0][0] + prime - now
-        lead = self._lead_s()
-        if self._queued < MAX_MESSAGE_BYTES:
-            # Less than a full message waits for more while Twilio holds more than the lead
-            # less a message (or half the lead): the model delivers that much in a fraction
-            # of the time, so a reply goes out in few messages, not one per model chunk.
-            lead = max(lead - MAX_PRIME_S, lead / 2)
-        return self.ledger.unplayed_ms(now) / 1000 - lead
+        return self.ledger.unplayed_ms(now) / 1000 - self._lead_s()
 
     async def flush(self) -> None:
         """Sends every message that is due now. The pump calls it right after enqueueing, so
