@@ -114,8 +114,8 @@ class Settings:
     """Share of the event loop one call is assumed to take until calls have settled and their
     cost is measured: a burst into a fresh process is admitted up to MAX_LOOP_BUSY / this
     (15). From the real path (`bench/realpath.py`: the Gemini agent through ADK and TLS), not
-    the echo agent (learnt at 1.5-1.6%, which skips it): a talking call costs 2.3-2.8% of a
-    core there, and 15 calls is what the path served well before it was tuned."""
+    the echo agent (learnt at 1.5-1.6%, which skips it): a talking call costs 2-3.3% of a
+    core there, and every call was good up to 20 calls, not at 30."""
     drain_s: float = 30.0
     """On SIGTERM, how long active calls may go on (new ones are turned away) before they
     hear a goodbye and end."""
