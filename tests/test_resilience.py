@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,8 +142,10 @@ def test_a_stalled_model_is_restarted(tmp_path: Path, caplog: pytest.LogCaptureF
     assert len(latencies) == 1 and latencies[0] < 1.0  # the second question was answered
     assert "the model is not reading: dropping the oldest caller audio" in caplog.text
     assert "the model reads caller audio again" in caplog.text
-    # stalled at 3 s, 5 s of backlog kept, restarted at 23.7 s: the rest was dropped
-    assert "dropped: caller audio 15.5 s" in caplog.text
+    # stalled at 3 s, 5 s of backlog kept, restarted at 23.7 s: the rest was dropped (to
+    # within the 100 ms pieces caller audio goes to the model in)
+    found = re.search(r"dropped: caller audio ([\d.]+) s", caplog.text)
+    assert found is not None and 15.3 <= float(found[1]) <= 15.5
 
 
 def test_slow_answers_still_arrive(tmp_path: Path) -> None:

@@ -85,6 +85,15 @@ MACHINE_ANSWERED = (
     "in a few sentences, then call end_call.)"
 )
 """The turn the model gets when Twilio's answering machine detection reports a machine."""
+URGENT_AFTER_ONSET_S = 0.3
+"""After our VAD hears the caller start, each frame goes to the model as it comes: its own VAD
+wants some 200 ms of speech before it interrupts its reply."""
+URGENT_PAUSE_MS = 400
+"""The same once the caller has been silent this long after speech: the model's VAD ends a
+turn after 500-800 ms of silence, and answers then, so the frames that complete its silence
+must not wait in a batch (earlier ones may: they are sent with the first that may not)."""
+URGENT_AFTER_END_S = 0.3
+"""And on after our VAD ends the utterance (600 ms of silence): to 900 ms."""
 STREAM_RETURN_S = 60.0
 """A call that let its stream go for Twilio to press keys ends if no new stream comes by then
 (64 keys with pauses take well under it)."""
@@ -264,6 +273,8 @@ class Call:
         self.outcome: Outcome | None = None
         """How the call ended, in a word (set with `end_reason`)."""
         self._last_media = clock()
+        self._urgent_until = 0.0
+        """Caller audio goes to the model frame by frame until then (see `_on_media`)."""
         self._caller_audio_ended = False
         self._tasks: list[asyncio.Task[None]] = []
         self._closing: asyncio.Task[None] | None = None
@@ -382,9 +393,16 @@ class Call:
         pcm = self._inbound.convert(mulaw)
         now = self._last_media = self._clock()
         echo = self.player.loudest_recent(now) * ECHO_RETURN_LOSS
-        self.live.send_caller_audio(self._suppressor.process(pcm, echo))
         self._caller_audio_ended = False
-        for speech in self._vad.feed(pcm, min_energy=echo):
+        changes = self._vad.feed(pcm, min_energy=echo)
+        for speech in changes:
+            after = URGENT_AFTER_ONSET_S if isinstance(speech, SpeechStart) else URGENT_AFTER_END_S
+            self._urgent_until = now + after
+        # The model's own VAD decides its turns: frames around an onset or an end (or late in
+        # a pause that may be one) go at once, the rest in batches (see CALLER_BATCH_BYTES).
+        urgent = now < self._urgent_until or self._vad.silence_ms >= URGENT_PAUSE_MS
+        self.live.send_caller_audio(self._suppressor.process(pcm, echo), hold=not urgent)
+        for speech in changes:
             await self._caller_speech(speech, now, now)
         if self.turns.watching:
             vad = self._vad
@@ -484,7 +502,7 @@ class Call:
                 self._caller_audio_ended = True
                 if (end := self._vad.end_of_stream()) is not None:  # an utterance ends with it
                     await self._caller_speech(end, now, self._last_media)
-                self.live.queue.send_audio_stream_end()
+                self.live.end_caller_audio()
                 self._log("caller audio stopped; sent audio_stream_end")
 
     async def _pump(self) -> None:

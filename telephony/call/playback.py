@@ -428,13 +428,11 @@ class Player:
                     self._attached_at,
                     self._resumed_at,
                 )
-                # What is due now goes as one message: jitter can open no gap inside it.
-                room = (self._lead_s() - self.ledger.unplayed_ms(now) / 1000) * BYTES_PER_SECOND
-                while (
-                    self._queue
-                    and len(chunk) + len(self._queue[0][1]) <= MAX_MESSAGE_BYTES
-                    and len(chunk) < room
-                ):
+                # What is due now goes as one message, filled up to MAX_MESSAGE_BYTES with
+                # what waits behind it: jitter can open no gap inside it, and each message (and
+                # its mark) costs a JSON frame both ways, a mark echo and ledger work
+                # whatever its size. Twilio then holds up to one message beyond the lead.
+                while self._queue and len(chunk) + len(self._queue[0][1]) <= MAX_MESSAGE_BYTES:
                     chunk += self._queue.popleft()[1]
                 self._queued -= len(chunk)
                 self._mark_seq += 1

@@ -44,6 +44,8 @@ from .previous import PREVIOUS_CALLS_KEY, STARTED_KEY, previous_calls
 __all__ = [
     "CALLER_AUDIO_MIME",
     "CALLER_BACKLOG_LIMIT",
+    "CALLER_BATCH_BYTES",
+    "CALLER_FRAME_BYTES",
     "CONNECTION_WINDOW_S",
     "NOTE_METADATA_KEY",
     "REPLAY_AUDIO_S",
@@ -59,8 +61,15 @@ __all__ = [
 
 CALLER_AUDIO_MIME = "audio/pcm;rate=16000"
 CALLER_BACKLOG_LIMIT = 250
-"""Requests (20 ms frames) waiting for the model beyond which the oldest caller audio is
-dropped."""
+"""20 ms frames of caller audio (5 s) waiting for the model beyond which the oldest caller
+audio is dropped."""
+CALLER_FRAME_BYTES = 640
+"""20 ms of caller audio as the model gets it (16 kHz PCM16)."""
+CALLER_BATCH_BYTES = 5 * CALLER_FRAME_BYTES
+"""Caller audio held back (`send_caller_audio(hold=True)`) goes to the model once this much
+(100 ms) has gathered. Each request costs the model's client a message whatever its size (a
+pydantic blob, JSON, base64, a WebSocket frame, TLS) and ADK's live flow a queue hop: sent per
+20 ms frame, that was the largest cost of a call on the real path."""
 PREVIOUS_CALLS_TIMEOUT_S = 2.0
 """How long a new call's session waits for the caller's earlier calls to be read."""
 REPLAY_AUDIO_S = 10.0
@@ -145,7 +154,7 @@ class CallerAudioQueue(LiveRequestQueue):
     """The queue ADK reads caller input from, as its supervisor sees it.
 
     ADK never pushes back: when the model stops reading (a stall, a reconnect), only the newest
-    5 s of caller audio wait for it, the oldest frame making room for each new one, so the
+    5 s of caller audio wait for it, the oldest piece making room for each new one, so the
     model comes back to what the caller says now (the end of a question, an answer) rather than
     to what they said while nobody listened. Requests to replay are served before the backlog.
 
@@ -163,6 +172,8 @@ class CallerAudioQueue(LiveRequestQueue):
         self._replay: deque[LiveRequest] = deque()
         self._notes: deque[tuple[LiveRequest, dict[str, Any]]] = deque()
         """Notes waiting in the queue, in order, with what to store with each."""
+        self._waiting_audio = 0
+        """Bytes of caller audio in the queue."""
         self._sender: asyncio.Task[Any] | None = None
         self._sender_connection = 0
         """Which of the run's connections (from 1) `_sender` reads for."""
@@ -179,22 +190,31 @@ class CallerAudioQueue(LiveRequestQueue):
         self._ended = self._current()
         return self.owner.exhausted
 
-    def offer(self, blob: types.Blob) -> bool:
-        """Queues caller audio; False when the oldest waiting audio had to make room for it."""
-        room = self._queue.qsize() < CALLER_BACKLOG_LIMIT or not self._drop_oldest_audio()
+    def offer(self, blob: types.Blob) -> int:
+        """Queues caller audio; returns how many bytes of the oldest waiting audio had to
+        make room for it."""
+        size = len(blob.data or b"")
+        dropped = 0
+        while self._waiting_audio + size > CALLER_BACKLOG_LIMIT * CALLER_FRAME_BYTES:
+            if not (oldest := self._drop_oldest_audio()):
+                break
+            dropped += oldest
+        self._waiting_audio += size
         self.send_realtime(blob)
-        return room
+        return dropped
 
-    def _drop_oldest_audio(self) -> bool:
+    def _drop_oldest_audio(self) -> int:
         """Drops the oldest caller audio waiting; text turns and control requests all stay,
-        in order. True when there was audio to drop."""
+        in order. Returns the bytes dropped."""
         waiting = [self._queue.get_nowait() for _ in range(self._queue.qsize())]
         oldest = next((i for i, r in enumerate(waiting) if r.blob is not None), None)
+        size = 0
         if oldest is not None:
-            del waiting[oldest]
+            size = len(waiting.pop(oldest).blob.data or b"")  # type: ignore[union-attr]
+            self._waiting_audio -= size
         for request in waiting:
             self._queue.put_nowait(request)
-        return oldest is not None
+        return size
 
     def replay(self, requests: Iterable[LiveRequest]) -> None:
         """Sends these first (instead of any replay not sent yet: `requests` holds it too)."""
@@ -212,6 +232,8 @@ class CallerAudioQueue(LiveRequestQueue):
         if self._replay:
             return self._replay.popleft()
         request = await super().get()
+        if request.blob is not None:
+            self._waiting_audio -= len(request.blob.data or b"")
         if self._notes and request is self._notes[0][0]:
             await self._store(request, self._notes.popleft()[1])
         self.owner.sent(request)
@@ -309,10 +331,21 @@ class LiveSupervisor:
         self.reconnects = 0
         """Connections opened after the first: ADK's own reconnects and our restarts."""
         self.caller_audio_dropped = 0
-        """Caller frames dropped because the model was not reading them."""
+        """Caller frames (20 ms) dropped because the model was not reading them."""
+        self._held_audio = bytearray()
 
-    def send_caller_audio(self, pcm: bytes) -> None:
-        room = self.queue.offer(types.Blob(data=pcm, mime_type=CALLER_AUDIO_MIME))
+    def send_caller_audio(self, pcm: bytes, *, hold: bool = False) -> None:
+        """`hold`: the model need not hear it at once; it goes with what follows, once
+        CALLER_BATCH_BYTES have gathered (or anything else is sent)."""
+        self._held_audio += pcm
+        if hold and len(self._held_audio) < CALLER_BATCH_BYTES:
+            return
+        pcm = bytes(self._held_audio)
+        self._held_audio.clear()
+        if not pcm:
+            return
+        dropped = self.queue.offer(types.Blob(data=pcm, mime_type=CALLER_AUDIO_MIME))
+        room = not dropped
         if room == self._dropping:  # dropping starts or stops
             self._dropping = not room
             if room:
@@ -322,20 +355,27 @@ class LiveSupervisor:
                     "the model is not reading: dropping the oldest caller audio",
                     level=logging.WARNING,
                 )
-        if not room:
-            self.caller_audio_dropped += 1
+        self.caller_audio_dropped += dropped // CALLER_FRAME_BYTES
+
+    def end_caller_audio(self) -> None:
+        """The caller's audio stopped (`audio_stream_end`), after all of it that was held."""
+        self.send_caller_audio(b"")
+        self.queue.send_audio_stream_end()
 
     def send_text(self, text: str) -> None:
+        self.send_caller_audio(b"")  # what the caller said first goes first
         self.queue.send_content(types.Content(role="user", parts=[types.Part(text=text)]))
 
     def send_note(self, text: str, record: dict[str, Any]) -> None:
         """Tells the model something it must not answer (a partial turn: no turn_complete),
         and keeps it in the session's history with `record` as its custom metadata."""
+        self.send_caller_audio(b"")
         content = types.Content(role="user", parts=[types.Part(text=text)])
         self.queue.send_note(LiveRequest(content=content, partial=True), record)
 
     def tell(self, text: str, *, state: dict[str, Any]) -> None:
         """A turn the model answers, with a change to the session state (ADK stores both)."""
+        self.send_caller_audio(b"")
         content = types.Content(role="user", parts=[types.Part(text=text)])
         self.queue.send(LiveRequest(content=content, state_delta=state))
 
