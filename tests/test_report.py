@@ -116,6 +116,24 @@ def test_keys_are_markers_with_their_digits() -> None:
     assert all(0.25 < b.t - a.t < 0.35 for a, b in zip(keys, keys[1:], strict=False))
 
 
+def test_the_agent_pressing_keys_shows_where_the_stream_was_let_go(tmp_path: Path) -> None:
+    """`send_dtmf`: the tool call, the stream let go for Twilio to play the keys, the new
+    stream the call goes on over."""
+    tool = {"t": 2.0, "kind": "model", "event": "tool_call", "name": "send_dtmf"}
+    entries = [
+        _start(0.5),
+        tool | {"args": {"digits": "12#"}},
+        {"t": 3.0, "kind": "call", "event": "released", "digits": "12#"},
+        _start(4.5),
+        {"t": 6.0, "kind": "end", "reason": "caller hung up (stop)"},
+    ]
+    report = build_report(load_recording(_write(tmp_path, entries)))
+    shown = [(m.kind, m.detail) for m in report.markers if m.kind in ("released", "start")]
+    assert shown == [("start", ""), ("released", "12#"), ("start", "")]
+    [released] = [m for m in report.markers if m.kind == "released"]
+    assert released.t == pytest.approx(2.5)  # from the first stream's start
+
+
 def test_latency_runs_from_the_end_of_caller_speech_to_the_first_agent_audio(
     tmp_path: Path,
 ) -> None:

@@ -700,6 +700,7 @@ class Call:
         elif not handover.digits:
             self.end("the agent ended the call", Outcome.AGENT_ENDED)
         elif self._stream is not None:
+            self._record("released", digits=handover.digits)
             self.player.detach()
             self._stream.set()
             if self._return_timer is not None:

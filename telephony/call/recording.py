@@ -15,8 +15,10 @@ from the moment the call was answered (the voice webhook):
         what the bridge decided: "hold" and "resume" (a sound over the agent that was no
         interruption after all), "barge_in", "heard" (the note of what the caller heard of a
         reply they cut off: "heard", "unheard", "heard_s", "generated_s"), "reconnect" (a new
-        live connection; "restarts" and "reconnects" so far). Recordings made before these
-        lines existed have none; readers skip call events they do not know.
+        live connection; "restarts" and "reconnects" so far), "released" (the stream let go
+        for Twilio to play the agent's keys, "digits"; a new `start` follows on the same
+        call). Recordings made before these lines existed have none; readers skip call events
+        they do not know.
     {"t": 9.002, "kind": "end", "reason": "caller hung up (stop)"}
 
 The file is flushed about once a second, so a server that dies mid-call leaves a file that

@@ -413,7 +413,7 @@ def _timeline(events: list[Event], mask: bool) -> list[_Line]:
             if target := end.get("transfer_to"):
                 how += f" to {_number(str(target), mask)}"
             reason = str(_masked(str(end.get("reason", "")), mask))
-            lines.append(_Line(at, "end", how if reason.startswith(how) else f"{how}: {reason}"))
+            lines.append(_Line(at, "end", how if how in reason else f"{how}: {reason}"))
         for part in event.content.parts if event.content and event.content.parts else ():
             if part.function_call is not None:
                 args = ", ".join(

@@ -66,6 +66,7 @@ LABELS = {
     "tool_response": "tool response",
     "restart": "live session restarted",
     "reconnect": "live connection reopened",
+    "released": "stream let go: Twilio plays the keys",
     "mark": "mark sent",
     "played": "mark played (echoed)",
 }
@@ -94,6 +95,7 @@ GLYPHS = {
     "tool_response": "↩",
     "restart": "⟳",
     "reconnect": "⇄",
+    "released": "⌨",
 }
 
 
@@ -274,6 +276,8 @@ def _events(recording: Recording) -> list[tuple[float, str, str]]:
                 out.append((entry.t, event, f"({data['source']})" if data.get("source") else ""))
             elif event == "resume":
                 out.append((entry.t, "resume", ""))
+            elif event == "released":
+                out.append((entry.t, "released", str(data.get("digits", ""))))
             elif event == "reconnect":
                 restarted = int(data.get("restarts", 0)) > restarts
                 restarts = max(restarts, int(data.get("restarts", 0)))
