@@ -28,12 +28,13 @@ from telephony.testing.twilio_rest import (
     running_in_thread,
 )
 
-from .server import RunningServer, free_port, running_server
+from .server import RunningServer, free_port, rise, running_server, scrape
 from .test_realpath import _connections, _session
 from .test_realpath import gemini as gemini  # the module fixture, shared
 
 TOKEN = "outbound-calls-token"
 API_KEY, API_SECRET = "SK" + "7" * 32, "api-secret"
+NOT_PLACED = "telephony_outbound_calls_not_placed_total"
 PERSON, MACHINE, BUSY = "+15557650001", "+15557650002", "+15557650003"
 
 
@@ -148,9 +149,12 @@ def test_twilio_refusing_the_call_comes_back_with_its_code(
     server: RunningServer, twilio: TwilioRestService, status: int, code: int
 ) -> None:
     twilio.fail_next(status)
+    start = scrape(server.base_url)
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(_calls(server, PERSON), timeout=10)
     assert refused.value.code == 502
+    counted = rise(start, scrape(server.base_url), NOT_PLACED, reason="twilio")
+    assert counted == 1
     error = json.loads(refused.value.read())["error"]
     assert error.startswith(f"Twilio refused the call (HTTP {status}, error {code})")
 
@@ -163,9 +167,12 @@ async def test_outbound_calls_beyond_the_limit_are_refused_until_one_is_over(
     twilio.far_ends[BUSY] = FarEnd("busy", ring_s=1.0)
     with running_server(tmp_path, max_outbound_calls=1, **_outbound(twilio)) as server:
         call = twilio.calls[_place(server, BUSY)]
+        start = scrape(server.base_url)
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(_calls(server, PERSON), timeout=10)
         assert refused.value.code == 429
+        counted = rise(start, scrape(server.base_url), NOT_PLACED, reason="max_outbound_calls")
+        assert counted == 1
         await twilio.wait_for(lambda: call.settled, 10)
         assert call.status == "busy"
         _place(server, BUSY)

@@ -73,12 +73,13 @@ class TooManyCalls(OutboundError):
     """`TELEPHONY_MAX_OUTBOUND_CALLS` are being placed or in progress."""
 
 
-_OUTBOUND_STATUS: dict[type[OutboundError], int] = {
-    TooManyCalls: 429,
-    BadNumber: 400,
-    NoCredentials: 503,
+_OUTBOUND_STATUS: dict[type[OutboundError], tuple[int, str]] = {
+    TooManyCalls: (429, "max_outbound_calls"),
+    BadNumber: (400, "bad_number"),
+    NoCredentials: (503, "no_credentials"),
 }
-"""`POST /calls` answers a call not placed with these; Twilio's own refusals with 502."""
+"""`POST /calls` answers a call not placed with these (and counts it by the label); Twilio's
+own refusals with 502 (`twilio`)."""
 
 
 def create_app(settings: Settings, spec: AgentSpec | None = None) -> Quart:
@@ -354,6 +355,7 @@ def create_app(settings: Settings, spec: AgentSpec | None = None) -> Quart:
             return {"error": "a valid bearer token is required"}, 401, challenge
         if (refused := refusal(asyncio.get_running_loop().time())) is not None:
             log.warning("POST /calls refused (503): %s", refused[1])
+            calls.metrics.not_placed[refused[0]] += 1
             return {"error": f"not placing calls now: {refused[1]}"}, 503
         body = await request.get_json(force=True, silent=True)
         if not isinstance(body, dict) or not isinstance(body.get("to"), str):
@@ -362,7 +364,9 @@ def create_app(settings: Settings, spec: AgentSpec | None = None) -> Quart:
             sid = await outbound(body["to"], str(body.get("from") or ""))
         except OutboundError as exc:
             log.warning("outbound call to %s not placed: %s", shown(body["to"]), exc)
-            return {"error": str(exc)}, _OUTBOUND_STATUS.get(type(exc), 502)
+            status, reason = _OUTBOUND_STATUS.get(type(exc), (502, "twilio"))
+            calls.metrics.not_placed[reason] += 1
+            return {"error": str(exc)}, status
         return {"call_sid": sid}, 201
 
     async def outbound(to: str, from_: str) -> str:

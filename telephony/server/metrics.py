@@ -141,6 +141,8 @@ class Metrics:
         self.calls: Counter[tuple[str, str]] = Counter()
         """Ended calls by (direction, outcome)."""
         self.refusals: Counter[str] = Counter()
+        self.not_placed: Counter[str] = Counter()
+        """Outbound calls `POST /calls` did not place, by reason."""
         """Calls turned away, by reason."""
 
     def ended(self, call: Call) -> None:
@@ -203,6 +205,14 @@ class _CallCollector(Collector):
         for reason, n in sorted(metrics.refusals.items()):
             refused.add_metric([reason], n)
         yield refused
+        not_placed = CounterMetricFamily(
+            "telephony_outbound_calls_not_placed_total",
+            "Outbound calls asked for (POST /calls) and not placed, by reason.",
+            labels=["reason"],
+        )
+        for reason, n in sorted(metrics.not_placed.items()):
+            not_placed.add_metric([reason], n)
+        yield not_placed
         for count in COUNTS:
             value = metrics.counts[count.name] + sum(count.read(call) for call in calls)
             yield CounterMetricFamily(count.name, count.help, value=value)
