@@ -272,6 +272,9 @@ def _one_call(app: Quart, to: str, from_: str) -> Callable[[], Awaitable[int]]:
         except OutboundError as exc:
             print(f"telephony: {exc}", file=sys.stderr)
             return 1
+        except Exception:
+            log.exception("the call to %s was not placed", to)
+            return 1
         print(sid, flush=True)
         how = await outbound_over(app, sid)
         log.info("call %s: over (%s)", sid, how)

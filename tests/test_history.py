@@ -555,3 +555,16 @@ def test_a_store_that_cannot_be_read_is_a_clear_error(
     garbage.write_bytes(b"not a database at all" * 100)
     assert main(["calls", "list", "--agent", "echo", "--session-uri", f"sqlite:///{garbage}"]) == 2
     assert "cannot read the session store" in capsys.readouterr().err
+
+
+def test_masking_reaches_into_what_a_tool_took_and_gave_whatever_its_shape() -> None:
+    lookup = types.FunctionCall(name="lookup", args={"who": {"phone": "+15557654321"}})
+    found = types.FunctionResponse(name="lookup", response={"phone": "+15551112222", "n": 3})
+    events = [
+        _content("phone_agent", 1.0, types.Part(function_call=lookup)),
+        _content("user", 1.1, types.Part(function_response=found)),
+    ]
+    call = Session(id="CA1", app_name="a", user_id="+15551234567", state=STATE, events=events)
+    shown = format_call(call, mask=True, tz=UTC)
+    assert "+15557654321" not in shown and "+15551112222" not in shown
+    assert "+*******4321" in shown and "+*******2222" in shown

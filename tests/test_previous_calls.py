@@ -174,7 +174,7 @@ def test_a_store_too_slow_for_earlier_calls_does_not_hold_the_call_up(
 ) -> None:
     with caplog.at_level(logging.WARNING, "telephony.call"):
         state = run_virtual(_first_turn_state(_SlowStore(), "+1555"))
-    assert PREVIOUS_CALLS_KEY not in state and state["telephony_caller"] == "+1555"
+    assert state[PREVIOUS_CALLS_KEY] == "" and state["telephony_caller"] == "+1555"
     assert state["took"] == pytest.approx(PREVIOUS_CALLS_TIMEOUT_S, abs=0.2)
     assert "earlier calls not read: TimeoutError()" in caplog.text
 
@@ -182,7 +182,21 @@ def test_a_store_too_slow_for_earlier_calls_does_not_hold_the_call_up(
 def test_earlier_calls_are_given_only_when_asked_for() -> None:
     """Off by default (`TELEPHONY_PREVIOUS_CALLS=0`): a caller ID is easily forged."""
     state = run_virtual(_after_one_call(0))
-    assert PREVIOUS_CALLS_KEY not in state and state["telephony_caller"] == "+1555"
+    assert state[PREVIOUS_CALLS_KEY] == "" and state["telephony_caller"] == "+1555"
+
+
+def test_a_summary_stored_for_an_earlier_call_does_not_reach_an_agent_not_given_it() -> None:
+    """User state outlives the call that set it: a call not given earlier calls clears it."""
+
+    async def main() -> dict[str, object]:
+        sessions = InMemorySessionService()
+        summed = {PREVIOUS_CALLS_KEY: "Earlier calls: caller: my PIN is 4821"}
+        await sessions.create_session(
+            app_name="echo", user_id="+1555", session_id="CAbefore", state=summed
+        )
+        return await _first_turn_state(sessions, "+1555", 0)
+
+    assert run_virtual(main())[PREVIOUS_CALLS_KEY] == ""
 
 
 async def test_an_outbound_calls_earlier_calls_are_not_given(tmp_path: Path) -> None:
@@ -205,11 +219,12 @@ async def test_an_outbound_calls_earlier_calls_are_not_given(tmp_path: Path) -> 
                 await sim.hang_up()
             return (await _stored(server, ours, sid)).state
 
-        await call("CA1" + "0" * 31, "+15550000001", "outbound-api")
-        second = await call("CA2" + "0" * 31, "+15550000002", "outbound-api")
-        inbound = await call("CA3" + "0" * 31, "+15550000003", "inbound")  # gets them
-    assert PREVIOUS_CALLS_KEY not in second
+        await call("CA1" + "0" * 31, "+15550000001", "inbound")
+        inbound = await call("CA2" + "0" * 31, "+15550000002", "inbound")  # gets the first
+        outbound = await call("CA3" + "0" * 31, "+15550000003", "outbound-api")
+        second = await call("CA4" + "0" * 31, "+15550000004", "outbound-api")
     assert inbound[PREVIOUS_CALLS_KEY].startswith("Earlier calls from this number")
+    assert outbound[PREVIOUS_CALLS_KEY] == second[PREVIOUS_CALLS_KEY] == ""
 
 
 async def _stored(server: RunningServer, user: str, sid: str) -> Session:

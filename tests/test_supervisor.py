@@ -494,3 +494,14 @@ def test_a_full_backlog_keeps_the_newest_caller_audio_and_every_text_turn() -> N
     assert isinstance(waiting[0], types.Content)
     assert waiting[1:-1] == list(range(50, CALLER_BACKLOG_LIMIT + 50))
     assert waiting[-1] is True
+
+
+def test_caller_audio_held_back_goes_before_what_adk_sends_itself() -> None:
+    """ADK puts a tool's response on the queue itself (`send_content`): the caller audio held
+    for a batch was spoken before it, and must reach the model first."""
+    supervisor = harness().supervisor
+    supervisor.send_caller_audio(FRAMES[0], hold=True)
+    response = types.Content(role="user", parts=[types.Part(text="the tool's response")])
+    supervisor.queue.send_content(response)
+    waiting = [supervisor.queue._queue.get_nowait() for _ in range(2)]
+    assert [r.blob.data if r.blob else r.content for r in waiting] == [FRAMES[0], response]

@@ -202,10 +202,10 @@ class CallOptions:
     """The call's time limit: the model is asked to wrap up a minute before, then the caller
     hears the recorded goodbye (0: none)."""
     caller_idle_s: float = 0.0
-    previous_calls: int = 0
-    """Earlier calls of the same caller the session starts with (see `previous`)."""
     """A caller silent this long after the agent finished is asked through the model whether
     they are still there; as long again, and they hear the goodbye (0: never)."""
+    previous_calls: int = 0
+    """Earlier calls of the same caller the session starts with (see `previous`)."""
 
 
 class Call:

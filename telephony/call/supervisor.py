@@ -239,6 +239,11 @@ class CallerAudioQueue(LiveRequestQueue):
         self.owner.sent(request)
         return request
 
+    def send_content(self, content: types.Content, partial: bool = False) -> None:
+        """Also how ADK sends a tool's response: the caller audio held back goes first."""
+        self.owner.send_caller_audio(b"")
+        super().send_content(content, partial)
+
     def send_note(self, request: LiveRequest, record: dict[str, Any]) -> None:
         self._notes.append((request, record))
         self.send(request)
@@ -538,8 +543,9 @@ class LiveSupervisor:
         try:
             if await sessions.get_session(**key) is None:
                 state = {STARTED_KEY: time.time(), **self._state}  # the call's own, if given
-                if self._previous and (previous := await self._previous_calls()):
-                    state[PREVIOUS_CALLS_KEY] = previous
+                # user state: set even when empty, or a summary stored for an earlier call of
+                # this number would reach an agent not meant to have it
+                state[PREVIOUS_CALLS_KEY] = await self._previous_calls() if self._previous else ""
                 await sessions.create_session(**key, state=state)
         except Exception as exc:  # ADK creates it (without the state) when it can
             self._log("session not created: %r", exc, level=logging.ERROR)

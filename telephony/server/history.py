@@ -224,19 +224,25 @@ async def store_unstarted(
     kept = list(events)
     started_at = kept[0].timestamp if kept else time.time()
     key = {"app_name": app_name, "user_id": info.caller or "unknown", "session_id": info.call_sid}
-    session = await sessions.get_session(**key, config=GetSessionConfig(num_recent_events=1))
+    latest = GetSessionConfig(num_recent_events=1)
+    session = await sessions.get_session(**key, config=latest)
     if session is None:
         state = {**info.state(), "telephony_started_at": started_at}
-        session = await sessions.create_session(**key, state=state)
-        kept.append(end_event(outcome, reason, started_at=started_at, direction=info.direction))
+        try:
+            session = await sessions.create_session(**key, state=state)
+            kept.append(end_event(outcome, reason, started_at=started_at, direction=info.direction))
+        except Exception:  # made meanwhile by this call's other request (turned away, status)
+            session = await sessions.get_session(**key, config=latest)
+            if session is None:
+                raise
     for event in kept:
         await sessions.append_event(session=session, event=event)
 
 
-def _masked(value: object, mask: bool) -> object:
-    """A tool's argument or result with the phone numbers and key sequences in it masked
-    (`+15551234567` -> `+*******4567`, as in the logs)."""
-    if not mask or not isinstance(value, str):
+def _masked(value: str, mask: bool) -> str:
+    """A tool's arguments or result as text, with the phone numbers and key sequences in it
+    masked (`+15551234567` -> `+*******4567`, as in the logs)."""
+    if not mask:
         return value
     return re.sub(r"[+\d][\d*#wW -]{3,}[\d*#]", lambda m: mask_number(m.group()), value)
 
@@ -412,18 +418,19 @@ def _timeline(events: list[Event], mask: bool) -> list[_Line]:
             how = OUTCOME_TEXT.get(str(end.get("outcome")), str(end.get("outcome")))
             if target := end.get("transfer_to"):
                 how += f" to {_number(str(target), mask)}"
-            reason = str(_masked(str(end.get("reason", "")), mask))
+            reason = _masked(str(end.get("reason", "")), mask)
             lines.append(_Line(at, "end", how if how in reason else f"{how}: {reason}"))
         for part in event.content.parts if event.content and event.content.parts else ():
             if part.function_call is not None:
-                args = ", ".join(
-                    f"{k}={_masked(v, mask)!r}" for k, v in (part.function_call.args or {}).items()
+                args = _masked(
+                    ", ".join(f"{k}={v!r}" for k, v in (part.function_call.args or {}).items()),
+                    mask,
                 )
                 lines.append(_Line(at, "tool", f"{part.function_call.name}({args})"))
             elif part.function_response is not None:
                 result = part.function_response.response or {}
                 shown = result.get("result", result) if isinstance(result, dict) else result
-                shown = _masked(shown, mask)
+                shown = _masked(str(shown), mask)
                 lines.append(_Line(at, "result", f"{part.function_response.name}: {shown}"))
             elif part.text and event.author == "user":
                 if keys and f"pressed {keys}" in part.text:

@@ -141,9 +141,9 @@ class Metrics:
         self.calls: Counter[tuple[str, str]] = Counter()
         """Ended calls by (direction, outcome)."""
         self.refusals: Counter[str] = Counter()
+        """Calls turned away, by reason."""
         self.not_placed: Counter[str] = Counter()
         """Outbound calls `POST /calls` did not place, by reason."""
-        """Calls turned away, by reason."""
 
     def ended(self, call: Call) -> None:
         """The call's figures join the totals (the registry has just forgotten it)."""

@@ -121,6 +121,7 @@ class WriteBehindSessionService(DatabaseSessionService):
         """Set (and replaced) each time the writer is done with a batch."""
         self._writer: asyncio.Task[None] | None = None
         self._schema_checked = False
+        self._closing = False
         sqlalchemy_event.listen(self.db_engine.sync_engine, "connect", self._connected)
 
     def _connected(self, dbapi_connection: Any, _record: object) -> None:
@@ -246,7 +247,7 @@ class WriteBehindSessionService(DatabaseSessionService):
     async def _commit_or_retry(self, batch: list[_Row]) -> None:
         """A batch the database could not take for the moment (out of reach, locked) waits and
         is tried again whole, rather than row by row against a database that is down."""
-        for wait in RETRY_S:
+        for wait in () if self._closing else RETRY_S:
             try:
                 await self._transaction(batch)
                 return
@@ -287,8 +288,10 @@ class WriteBehindSessionService(DatabaseSessionService):
             await self._commit([row])
 
     async def close(self) -> None:
-        """Returns once every row appended, before or during the close, is written or lost."""
-        while self._stored < self._appended:
+        """Returns once every row appended, before or during the close, is written or lost
+        (with no retries: a database out of reach must not hold the shutdown up)."""
+        self._closing = True
+        while self._stored < self._appended and not (self._writer and self._writer.done()):
             await self.flush()
         if self._writer is not None:
             self._writer.cancel()
