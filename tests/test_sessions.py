@@ -192,9 +192,33 @@ async def test_a_database_out_of_reach_for_a_while_costs_no_row(
     started = asyncio.get_running_loop().time()
     assert await service.get_session(app_name="a", user_id="u", session_id="CA1") is not None
     assert asyncio.get_running_loop().time() - started < 0.15  # did not wait out the outage
+    await service.flush()  # the database is back at the second retry
     await service.close()
     assert await stored(stock, "CA1") == ["turn 0", "turn 1", "turn 2"]
     assert (failures[0], service.batches_committed, service.write_errors) == (2, 1, 0)
+
+
+async def test_a_database_out_of_reach_at_shutdown_does_not_hold_it_up(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows the database cannot take are counted lost at once: no retries, not row by row."""
+    monkeypatch.setattr(sessions, "RETRY_S", (30.0,) * 6)
+    service = WriteBehindSessionService(url)
+    session = await service.create_session(app_name="a", user_id="u", session_id="CA1")
+    tries = [0]
+
+    async def out_of_reach(batch: list[object]) -> None:
+        tries[0] += 1
+        raise OperationalError("connect", {}, ConnectionRefusedError("refused"))
+
+    monkeypatch.setattr(service, "_transaction", out_of_reach)
+    for n in range(3):
+        await service.append_event(session, said(n))
+    await asyncio.sleep(0.05)  # the writer has tried once and waits to try again
+    started = asyncio.get_running_loop().time()
+    await service.close()
+    assert asyncio.get_running_loop().time() - started < 1.0
+    assert (tries[0], service.write_errors) == (2, 3)
 
 
 async def test_a_backlog_is_committed_in_bounded_batches(

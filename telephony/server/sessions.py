@@ -29,6 +29,7 @@ state row is locked while a batch changes it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -121,7 +122,8 @@ class WriteBehindSessionService(DatabaseSessionService):
         """Set (and replaced) each time the writer is done with a batch."""
         self._writer: asyncio.Task[None] | None = None
         self._schema_checked = False
-        self._closing = False
+        self._closing = asyncio.Event()
+        """Set by `close`: rows the database cannot take now are not waited for."""
         sqlalchemy_event.listen(self.db_engine.sync_engine, "connect", self._connected)
 
     def _connected(self, dbapi_connection: Any, _record: object) -> None:
@@ -247,12 +249,14 @@ class WriteBehindSessionService(DatabaseSessionService):
     async def _commit_or_retry(self, batch: list[_Row]) -> None:
         """A batch the database could not take for the moment (out of reach, locked) waits and
         is tried again whole, rather than row by row against a database that is down."""
-        for wait in () if self._closing else RETRY_S:
+        for wait in RETRY_S:
+            if self._closing.is_set():
+                break
             try:
                 await self._transaction(batch)
                 return
-            except (DBAPIError, OSError, TimeoutError) as exc:
-                if isinstance(exc, DBAPIError) and not _transient(exc):
+            except Exception as exc:  # noqa: BLE001 - a bad row is found below, one at a time
+                if not _out_of_reach(exc):
                     break
                 log.warning(
                     "session store: %d row(s) not written (%r); trying again in %.1f s",
@@ -260,9 +264,8 @@ class WriteBehindSessionService(DatabaseSessionService):
                     exc,
                     wait,
                 )
-                await asyncio.sleep(wait)
-            except Exception:  # noqa: BLE001 - a bad row: found below, one at a time
-                break
+                with contextlib.suppress(TimeoutError):  # a close cuts the wait short
+                    await asyncio.wait_for(self._closing.wait(), wait)
         await self._commit(batch)
 
     async def _transaction(self, batch: list[_Row]) -> None:
@@ -278,7 +281,11 @@ class WriteBehindSessionService(DatabaseSessionService):
         try:
             await self._transaction(batch)
             return
-        except Exception:  # noqa: BLE001 - the writer must outlive any one bad batch
+        except Exception as exc:  # noqa: BLE001 - the writer must outlive any one bad batch
+            if self._closing.is_set() and _out_of_reach(exc):  # not row by row on the way out
+                self.write_errors += len(batch)
+                log.error("session store out of reach at shutdown: %d row(s) lost", len(batch))
+                return
             if len(batch) == 1:
                 self.write_errors += 1
                 row = batch[0]
@@ -290,7 +297,7 @@ class WriteBehindSessionService(DatabaseSessionService):
     async def close(self) -> None:
         """Returns once every row appended, before or during the close, is written or lost
         (with no retries: a database out of reach must not hold the shutdown up)."""
-        self._closing = True
+        self._closing.set()
         while self._stored < self._appended and not (self._writer and self._writer.done()):
             await self.flush()
         if self._writer is not None:
@@ -300,9 +307,11 @@ class WriteBehindSessionService(DatabaseSessionService):
         await super().close()
 
 
-def _transient(exc: DBAPIError) -> bool:
+def _out_of_reach(exc: BaseException) -> bool:
     """The database is out of reach or busy, rather than refusing the rows."""
-    return exc.connection_invalidated or isinstance(exc, OperationalError | InterfaceError)
+    if isinstance(exc, DBAPIError):
+        return exc.connection_invalidated or isinstance(exc, OperationalError | InterfaceError)
+    return isinstance(exc, OSError | TimeoutError)
 
 
 async def _write(db: AsyncSession, batch: list[_Row]) -> None:
