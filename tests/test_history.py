@@ -7,7 +7,6 @@ import asyncio
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -35,13 +34,14 @@ from telephony.server.history import (
     store_unstarted,
 )
 from telephony.settings import Settings
-from telephony.testing.gemini_live import FaultPlan, GeminiLiveService, running_in_thread
+from telephony.testing.gemini_live import FaultPlan, GeminiLiveService
 from telephony.testing.simulator import place_call
 from telephony.testing.virtual_clock import run_virtual
 from telephony.twilio.signatures import SignatureChecker
 
 from .audio_tools import fixture
 from .server import RunningServer, running_server, say, wait_until
+from .test_realpath import gemini as gemini  # the module fixture, shared
 
 T0 = 1_790_000_000.0
 """2026-09-21 14:13:20 UTC"""
@@ -420,14 +420,6 @@ def test_reconnects_and_restarts_of_the_live_session_are_kept(resumable: bool, k
     assert kind in shown
     assert "(a reconnect cut the reply off)" not in shown  # no barge-in: the caller did nothing
     assert "ended      caller hung up" in shown
-
-
-@pytest.fixture(scope="module")
-def gemini() -> Iterator[GeminiLiveService]:
-    with running_in_thread() as service, pytest.MonkeyPatch.context() as env:
-        for name, value in service.environ().items():
-            env.setenv(name, value)
-        yield service
 
 
 @pytest.mark.parametrize(

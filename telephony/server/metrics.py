@@ -197,22 +197,16 @@ class _CallCollector(Collector):
         for (way, outcome), n in sorted(metrics.calls.items()):
             ended.add_metric([way, outcome], n)
         yield ended
-        refused = CounterMetricFamily(
+        yield _by_reason(
             "telephony_calls_refused_total",
             "Calls turned away with the busy message, by reason.",
-            labels=["reason"],
+            metrics.refusals,
         )
-        for reason, n in sorted(metrics.refusals.items()):
-            refused.add_metric([reason], n)
-        yield refused
-        not_placed = CounterMetricFamily(
+        yield _by_reason(
             "telephony_outbound_calls_not_placed_total",
             "Outbound calls asked for (POST /calls) and not placed, by reason.",
-            labels=["reason"],
+            metrics.not_placed,
         )
-        for reason, n in sorted(metrics.not_placed.items()):
-            not_placed.add_metric([reason], n)
-        yield not_placed
         for count in COUNTS:
             value = metrics.counts[count.name] + sum(count.read(call) for call in calls)
             yield CounterMetricFamily(count.name, count.help, value=value)
@@ -273,3 +267,10 @@ def metrics_registry(
     ProcessCollector(registry=registry)
     GCCollector(registry=registry)
     return registry
+
+
+def _by_reason(name: str, help_text: str, counts: Counter[str]) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, help_text, labels=["reason"])
+    for reason, n in sorted(counts.items()):
+        family.add_metric([reason], n)
+    return family
