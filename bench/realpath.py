@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import subprocess
@@ -50,6 +51,11 @@ MAX_RESPONSE_S = 1.5
 ECHO_GOOD = 0.9
 """A good answer correlates this well with what was said (one call alone scores 0.95-0.99)."""
 ANSWER_TIMEOUT_S = 6.0
+WARM_UP_CALLS, WARM_UP_S = 2, 5.0
+"""Each server serves a short round, unmeasured, before the first measured one."""
+_SIDS = itertools.count(1)
+_LOG_LINES = 5
+"""The server's last log lines shown beside a round's errors."""
 TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -79,10 +85,16 @@ class Process:
 
     @classmethod
     def listening(
-        cls, args: list[str], env: dict[str, str], port: int, cwd: Path = ROOT
+        cls,
+        args: list[str],
+        env: dict[str, str],
+        port: int,
+        cwd: Path = ROOT,
+        log: Path | None = None,
     ) -> Process:
-        """Started, once it accepts connections on `port`."""
-        self = cls(subprocess.Popen(args, env=env, cwd=cwd, stderr=subprocess.DEVNULL, text=True))
+        """Started, once it accepts connections on `port`; its stderr goes to `log`."""
+        stderr = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 - the child's
+        self = cls(subprocess.Popen(args, env=env, cwd=cwd, stderr=stderr, text=True))
         ready = _listening(port)
         for _ in range(600):
             if self.proc.poll() is not None:
@@ -147,6 +159,8 @@ class Target:
     """`telephony serve`: the webhook's origin (the simulator follows the TwiML)."""
     stream_url: str
     """The bare relay: a WebSocket the simulator opens directly."""
+    log: Path | None = None
+    """The server's stderr (warnings and errors: the bench runs it at WARNING)."""
 
 
 def start_product(env: dict[str, str], tmp: str, checkout: Path = ROOT) -> Target:
@@ -162,9 +176,10 @@ def start_product(env: dict[str, str], tmp: str, checkout: Path = ROOT) -> Targe
     }
     args = [sys.executable, "-m", "telephony.cli", "serve", "--port", str(port)]
     args += ["--session-db", str(Path(tmp) / f"sessions-{port}.db")]
-    process = Process.listening(args, env, port, cwd=checkout)
+    log = Path(tmp) / f"telephony-{port}.log"
+    process = Process.listening(args, env, port, cwd=checkout, log=log)
     name = "telephony" if checkout == ROOT else checkout.name
-    return Target(name, process, f"http://127.0.0.1:{port}", "")
+    return Target(name, process, f"http://127.0.0.1:{port}", "", log)
 
 
 def start_bare(env: dict[str, str]) -> Target:
@@ -210,7 +225,8 @@ async def one_call(
     result = CallResult()
     loop = asyncio.get_running_loop()
     try:
-        async with _open(target, f"CA{n:032x}") as sim:
+        # a call SID names one call for good: rounds must not reuse them
+        async with _open(target, f"CA{next(_SIDS):032x}") as sim:
             result.sim = sim
             if await sim.agent_audio_after(0.0, ANSWER_TIMEOUT_S) is None:
                 result.errors.append("no greeting")
@@ -315,6 +331,9 @@ async def run_round(target: Target, calls: int, seconds: float, stand_in: int) -
         )
     for error in errors[:2]:
         print(f"      {target.name}: {error}", flush=True)
+    if errors and target.log:
+        for line in target.log.read_text().splitlines()[-_LOG_LINES:]:
+            print(f"      {target.name} log: {line[:200]}", flush=True)
     lat = np.array(latencies or [np.nan]) * 1000
     return {
         "server_cpu_per_call": server / wall / calls * 100,
@@ -385,6 +404,8 @@ def main() -> None:
                 f"of talking measured; CPU in % of one core (idle: % of all cores); good = every "
                 f"turn answered within {MAX_RESPONSE_S} s, no underrun, echo >= {ECHO_GOOD}"
             )
+            for target in targets:  # imports, first connections, caches: not a call's cost
+                asyncio.run(run_round(target, WARM_UP_CALLS, WARM_UP_S, standin.pid))
             print(HEADER, flush=True)
             summary: dict[tuple[str, int], list[dict[str, float]]] = {}
             for calls in args.calls:

@@ -203,6 +203,7 @@ async def test_a_database_out_of_reach_at_shutdown_does_not_hold_it_up(
 ) -> None:
     """Rows the database cannot take are counted lost at once: no retries, not row by row."""
     monkeypatch.setattr(sessions, "RETRY_S", (30.0,) * 6)
+    monkeypatch.setattr(sessions, "GATHER_S", 0.0)
     service = WriteBehindSessionService(url)
     session = await service.create_session(app_name="a", user_id="u", session_id="CA1")
     tries = [0]
@@ -232,6 +233,27 @@ async def test_a_backlog_is_committed_in_bounded_batches(
     await service.close()
     assert await stored(stock, "CA1") == [f"turn {n}" for n in range(7)]
     assert service.batches_committed == 3
+
+
+async def test_rows_gather_into_one_transaction_unless_a_read_waits(
+    url: str, stock: DatabaseSessionService
+) -> None:
+    """Rows appended within GATHER_S share a transaction; a new call's read of its history does
+    not wait for the gathering to end."""
+    service = WriteBehindSessionService(url)
+    session = await service.create_session(app_name="a", user_id="u", session_id="CA1")
+    for n in range(3):
+        await service.append_event(session, said(n))
+        await asyncio.sleep(sessions.GATHER_S / 5)
+    await asyncio.sleep(sessions.GATHER_S * 2)
+    assert service.batches_committed == 1
+    await service.append_event(session, said(3))
+    started = asyncio.get_running_loop().time()
+    read = await service.get_session(app_name="a", user_id="u", session_id="CA1")
+    assert asyncio.get_running_loop().time() - started < sessions.GATHER_S / 2
+    assert read is not None and len(read.events) == 4
+    assert await stored(stock, "CA1") == [f"turn {n}" for n in range(4)]
+    await service.close()
 
 
 async def test_close_writes_everything_appended(url: str, stock: DatabaseSessionService) -> None:

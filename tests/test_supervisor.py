@@ -29,6 +29,7 @@ from telephony.call import Call, CallInfo, CallOptions
 from telephony.call.logs import CallLogger
 from telephony.call.supervisor import (
     CALLER_BACKLOG_LIMIT,
+    CALLER_BATCH_BYTES,
     HandleKeeper,
     LiveSupervisor,
     ReconnectsExhausted,
@@ -500,7 +501,7 @@ def test_caller_audio_held_back_goes_before_what_adk_sends_itself() -> None:
     """ADK puts a tool's response on the queue itself (`send_content`): the caller audio held
     for a batch was spoken before it, and must reach the model first."""
     supervisor = harness().supervisor
-    supervisor.send_caller_audio(FRAMES[0], hold=True)
+    supervisor.send_caller_audio(FRAMES[0], gather=CALLER_BATCH_BYTES)
     response = types.Content(role="user", parts=[types.Part(text="the tool's response")])
     supervisor.queue.send_content(response)
     waiting = [supervisor.queue._queue.get_nowait() for _ in range(2)]

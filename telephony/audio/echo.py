@@ -79,6 +79,9 @@ NOISE_TAPS = 160
 100 Hz bands: its tilt and its bands, not the lines of a hum."""
 _FFT_SIZE = 4096
 """Holds a block and the filter's tail: a block is filtered with one FFT product."""
+FADE_SAMPLES = 64
+"""Comfort noise that starts where the caller's audio stopped fades in over 4 ms, not to click."""
+_FADE = np.linspace(0.0, 1.0, FADE_SAMPLES, endpoint=False)
 
 
 class ComfortNoise:
@@ -109,6 +112,8 @@ class ComfortNoise:
         """Comfort noise at unit level synthesized ahead (NOISE_BLOCK at a time), handed out
         from `_next`; None once the shape moved or a restart dropped it."""
         self._next = 0
+        self._peak = 0.0
+        """The loudest sample of `_unit`: below full scale once scaled, no clipping needed."""
         self._restart = True
 
     @property
@@ -148,16 +153,12 @@ class ComfortNoise:
         self._quiet_frames += 1
 
     def restart(self) -> None:
-        """The next noise fades in from nothing (over 4 ms) rather than cutting in. Called
-        for every frame that passes unchanged: it only takes note."""
+        """The next noise fades in from nothing rather than cutting in. Called for every frame
+        that passes unchanged: it only takes note (the noise itself flows on)."""
         self._restart = True
 
     def generate(self, count: int) -> np.ndarray:
         """`count` samples of the line's noise, as float samples in int16 range."""
-        if self._restart:
-            self._excitation = np.zeros(NOISE_TAPS - 1)
-            self._unit = None
-            self._restart = False
         if self._shape is None:
             shape = np.roll(np.fft.irfft(np.sqrt(self._power), NOISE_TAPS), NOISE_TAPS // 2)
             shape *= self._window
@@ -166,29 +167,39 @@ class ComfortNoise:
             self._response = np.fft.rfft(self._shape, _FFT_SIZE)
             if self._unit is not None:
                 self._synthesize()
-        out = np.empty(count)
-        filled = 0
-        while filled < count:
-            if self._unit is None or self._next == len(self._unit):
-                self._synthesize()
-            assert self._unit is not None
-            take = min(count - filled, len(self._unit) - self._next)
-            out[filled : filled + take] = self._unit[self._next : self._next + take]
-            self._next += take
-            filled += take
-        out *= np.sqrt(self.level)
-        return np.clip(np.rint(out, out=out), -32768, 32767, out=out)
+        if self._unit is None or self._next + count > len(self._unit):
+            self._synthesize(count)
+        assert self._unit is not None
+        gain = np.sqrt(self.level)
+        out = self._unit[self._next : self._next + count] * gain
+        self._next += count
+        if self._restart:
+            fade = min(count, FADE_SAMPLES)
+            out[:fade] *= _FADE[:fade]
+            self._restart = False
+        np.rint(out, out=out)
+        return out if self._peak * gain < 32767 else np.clip(out, -32768, 32767)
 
-    def _synthesize(self) -> None:
-        """The next NOISE_BLOCK of unit-level noise, from where the last one was handed out
-        to (what of it was not is dropped: the shape moved)."""
+    def _synthesize(self, at_least: int = 0) -> None:
+        """The next NOISE_BLOCK (or `at_least`) of unit-level noise, from where the last one
+        was handed out to, so the noise flows on across blocks (what of it was not handed out
+        is made again: the shape moved)."""
         if self._unit is not None:
             self._excitation = self._excitation[self._next : self._next + NOISE_TAPS - 1]
-        excitation = np.concatenate([self._excitation, self._rng.standard_normal(NOISE_BLOCK)])
-        filtered = np.fft.irfft(np.fft.rfft(excitation, _FFT_SIZE) * self._response, _FFT_SIZE)
+        fresh = self._rng.standard_normal(max(NOISE_BLOCK, at_least))
+        excitation = np.concatenate([self._excitation, fresh])
+        size = max(_FFT_SIZE, len(excitation))
+        filtered = np.fft.irfft(np.fft.rfft(excitation, size) * self._filter(size), size)
         self._unit = filtered[NOISE_TAPS - 1 : len(excitation)]  # np.convolve's "valid" part
+        self._peak = float(np.abs(self._unit).max())
         self._excitation = excitation
         self._next = 0
+
+    def _filter(self, size: int) -> np.ndarray:
+        if size == _FFT_SIZE:
+            return self._response
+        assert self._shape is not None
+        return np.fft.rfft(self._shape, size)
 
 
 class EchoSuppressor:
@@ -224,7 +235,7 @@ class EchoSuppressor:
             if out is None:
                 out = samples.copy()
             out[start : start + len(frame)] = self._noise.generate(len(frame))
-        return pcm16_16k if out is None else out.astype("<i2").tobytes()
+        return pcm16_16k if out is None else out.tobytes()
 
     def _keeps(self, frame: np.ndarray, worst: float) -> bool:
         energy = float(np.dot(frame, frame)) / len(frame)

@@ -204,9 +204,10 @@ class PlaybackLedger:
 def _loudest_20ms(mulaw: bytes) -> float:
     """Mean square of the loudest 20 ms (a shorter last piece counts on its own)."""
     pcm = _MULAW[np.frombuffer(mulaw, np.uint8)]
-    starts = np.arange(0, len(pcm), ECHO_FRAME_BYTES)
-    sums = np.add.reduceat(pcm * pcm, starts)
-    return float(np.max(sums / np.diff(starts, append=len(pcm))))
+    squares = pcm * pcm
+    whole = len(pcm) - len(pcm) % ECHO_FRAME_BYTES
+    loudest = squares[:whole].reshape(-1, ECHO_FRAME_BYTES).mean(axis=1).max() if whole else 0.0
+    return float(max(loudest, squares[whole:].mean() if whole < len(pcm) else 0.0))
 
 
 class Player:

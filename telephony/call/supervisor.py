@@ -65,9 +65,9 @@ CALLER_BACKLOG_LIMIT = 250
 audio is dropped."""
 CALLER_FRAME_BYTES = 640
 """20 ms of caller audio as the model gets it (16 kHz PCM16)."""
-CALLER_BATCH_BYTES = 5 * CALLER_FRAME_BYTES
-"""Caller audio held back (`send_caller_audio(hold=True)`) goes to the model once this much
-(100 ms) has gathered. Each request costs the model's client a message whatever its size (a
+CALLER_BATCH_BYTES = 10 * CALLER_FRAME_BYTES
+"""Caller audio that may wait goes to the model once this much (200 ms) has gathered (see
+`send_caller_audio`). Each request costs the model's client a message whatever its size (a
 pydantic blob, JSON, base64, a WebSocket frame, TLS) and ADK's live flow a queue hop: sent per
 20 ms frame, that was the largest cost of a call on the real path."""
 PREVIOUS_CALLS_TIMEOUT_S = 2.0
@@ -339,11 +339,12 @@ class LiveSupervisor:
         """Caller frames (20 ms) dropped because the model was not reading them."""
         self._held_audio = bytearray()
 
-    def send_caller_audio(self, pcm: bytes, *, hold: bool = False) -> None:
-        """`hold`: the model need not hear it at once; it goes with what follows, once
-        CALLER_BATCH_BYTES have gathered (or anything else is sent)."""
+    def send_caller_audio(self, pcm: bytes, *, gather: int = 0) -> None:
+        """`gather`: the model need not hear it before that many bytes of caller audio have
+        gathered (up to CALLER_BATCH_BYTES); it goes with what follows, then, or with anything
+        else sent before."""
         self._held_audio += pcm
-        if hold and len(self._held_audio) < CALLER_BATCH_BYTES:
+        if len(self._held_audio) < gather:
             return
         pcm = bytes(self._held_audio)
         self._held_audio.clear()

@@ -9,14 +9,14 @@ appending wait a median 0.1-0.6 s per event on the stock `DatabaseSessionService
 PostgreSQL), and 0.03-0.05 ms here.
 
 Here an event is applied to the session in memory at once and its row queued; one writer task
-commits whatever has queued in a single transaction (a group commit: the busier the server, the
-bigger the batch, the fewer the round trips). Reading a session waits for the rows queued
-before it, so a restarted live session sees its whole history, and `flush()` (which ADK's
-`Runner.close` and our shutdown call) returns once everything is stored. A row that cannot be
-written is logged with its session and counted in `write_errors`, and costs no other row.
-What a crash of the process can lose is the rows of the batch in flight, milliseconds' worth
-(with SQLite, WAL with `synchronous=NORMAL` means a power cut may lose the last transactions
-too).
+commits whatever has queued within `GATHER_S` in a single transaction (a group commit: the
+busier the server, the bigger the batch, the fewer the round trips). Reading a session waits
+for the rows queued before it, so a restarted live session sees its whole history, and
+`flush()` (which ADK's `Runner.close` and our shutdown call) returns once everything is stored.
+A row that cannot be written is logged with its session and counted in `write_errors`, and
+costs no other row. What a crash of the process can lose is the rows gathering and in flight,
+a quarter of a second's worth (with SQLite, WAL with `synchronous=NORMAL` means a power cut
+may lose the last transactions too).
 
 Rows are ADK's own (its schema classes, the current "v1" schema), so ADK's service (`adk web
 --session_service_uri` with the driver in the URL) and any other instance read them. ADK's
@@ -65,6 +65,10 @@ pieces, each of which builds its ORM rows on the event loop for a few tens of ms
 RETRY_S = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0)
 """Waits before a batch that failed with the database out of reach is tried again (30 s in
 all); then its rows are tried one at a time, and those that fail are lost and counted."""
+GATHER_S = 0.25
+"""The writer lets rows gather this long before it commits them, unless a read or a close
+waits for them: committed as they came, a transaction per event or two cost the server as
+much CPU as its ADK live flow (its own SQL, and SQLite's or the driver's work beside it)."""
 READ_WAIT_S = 2.0
 """How long a read waits for the rows queued before it; past that (the database is out of
 reach), it reads what is stored, so a new call starts without waiting on the outage."""
@@ -120,6 +124,8 @@ class WriteBehindSessionService(DatabaseSessionService):
         """Rows queued so far, and rows the writer is done with (committed or lost)."""
         self._progress = asyncio.Event()
         """Set (and replaced) each time the writer is done with a batch."""
+        self._hurry = asyncio.Event()
+        """Set while a read or a close waits for the rows: they go without gathering more."""
         self._writer: asyncio.Task[None] | None = None
         self._schema_checked = False
         self._closing = asyncio.Event()
@@ -194,6 +200,7 @@ class WriteBehindSessionService(DatabaseSessionService):
         later writes."""
         target = self._appended
         while self._stored < target:
+            self._hurry.set()
             await self._progress.wait()
 
     async def _flushed_for_read(self) -> None:
@@ -239,12 +246,17 @@ class WriteBehindSessionService(DatabaseSessionService):
         while True:
             await self._wake.wait()
             self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(GATHER_S):
+                    await self._hurry.wait()
             while self._queued:
                 batch, self._queued = self._queued[:MAX_BATCH], self._queued[MAX_BATCH:]
                 await self._commit_or_retry(batch)
                 self._stored += len(batch)
                 self._progress.set()
                 self._progress = asyncio.Event()
+            if not self._closing.is_set():
+                self._hurry.clear()
 
     async def _commit_or_retry(self, batch: list[_Row]) -> None:
         """A batch the database could not take for the moment (out of reach, locked) waits and
@@ -298,6 +310,7 @@ class WriteBehindSessionService(DatabaseSessionService):
         """Returns once every row appended, before or during the close, is written or lost
         (with no retries: a database out of reach must not hold the shutdown up)."""
         self._closing.set()
+        self._hurry.set()
         while self._stored < self._appended and not (self._writer and self._writer.done()):
             await self.flush()
         if self._writer is not None:
