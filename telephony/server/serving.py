@@ -1,7 +1,8 @@
 """The HTTP server the app runs under: uvicorn with the sans-I/O `websockets` protocol. Twilio
 sends 50 media messages a second per call, and hypercorn's pure-Python frame parsing and
-queues took a fifth of the server's CPU; the same calls cost 19% less CPU under this. Its
-settings come from a small TOML file (`config/server.toml`), checked before anything starts."""
+queues took a fifth of the server's CPU; under this a call costs 19% less (2.61% of a core
+instead of 3.21%, 10 concurrent real-path calls). Its settings come from a small TOML file
+(`config/server.toml`), checked before anything starts."""
 
 from __future__ import annotations
 
@@ -24,21 +25,19 @@ def _seconds(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
-_CHECKS: dict[str, tuple[Callable[[object], bool], str]] = {
+def _whole(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "access_log": (lambda v: isinstance(v, bool), "true or false"),
-    "timeout_keep_alive": (
-        lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
-        "whole seconds, 1 or more",
-    ),
+    "timeout_keep_alive": (lambda v: _whole(v) and v >= 1, "whole seconds, 1 or more"),
     "ws_ping_interval": (lambda v: _seconds(v) and v >= 0, "seconds, 0 or more (0: no pings)"),
     "ws_ping_timeout": (
         lambda v: _seconds(v) and v > 0,
         "seconds, more than 0 (leave it out to never close for a missing pong)",
     ),
-    "timeout_graceful_shutdown": (
-        lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
-        "whole seconds, 0 or more",
-    ),
+    "timeout_graceful_shutdown": (lambda v: _whole(v) and v >= 0, "whole seconds, 0 or more"),
 }
 """The uvicorn settings a file may set, each with its check and what the check wants."""
 
