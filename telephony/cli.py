@@ -1,4 +1,4 @@
-"""The `telephony` command: `serve [AGENT]` runs the phone server under hypercorn,
+"""The `telephony` command: `serve [AGENT]` runs the phone server under uvicorn,
 `simulate CALLER.wav` places a simulated call, `call NUMBER [AGENT]` has Twilio call a number
 for the running server (or for AGENT, served here for that one call), `report CALL` writes a
 recorded call's report page, `calls list` / `calls show CALL_SID` print the call history."""
@@ -12,7 +12,7 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from dotenv import load_dotenv
 
@@ -51,11 +51,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--session-db", help="deprecated: --session-uri sqlite:///FILE")
     serve.add_argument("--model", help="Gemini live model for the built-in agent (TELEPHONY_MODEL)")
     serve.add_argument(
-        "--hypercorn-config",
+        "--server-config",
         metavar="TOML",
-        help="hypercorn settings (e.g. config/hypercorn.toml); the bind address comes from "
-        "--host/--port",
+        help="uvicorn settings (e.g. config/server.toml: keep-alive, pings, access log); the "
+        "bind address comes from --host/--port",
     )
+    serve.add_argument("--hypercorn-config", metavar="TOML", help=argparse.SUPPRESS)
     serve.add_argument(
         "--insecure",
         action="store_true",
@@ -203,7 +204,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "hypercorn_config", None) is not None:
+        parser.error(
+            "--hypercorn-config is gone: the server is uvicorn now, whose settings "
+            "--server-config FILE reads (see config/server.toml)"
+        )
     load_dotenv()
     if args.command == "simulate":
         return _simulate(args)
@@ -232,6 +239,14 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"telephony: {exc}", file=sys.stderr)
         return 2
+    from .server.serving import DEFAULTS, ServerConfigError, read_server_config
+
+    try:
+        server_config = getattr(args, "server_config", None)
+        options = read_server_config(server_config) if server_config else DEFAULTS
+    except ServerConfigError as exc:
+        print(f"telephony: {exc}", file=sys.stderr)
+        return 2
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -248,8 +263,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"telephony: {exc}", file=sys.stderr)
         return 2
     if args.command == "call":
-        return asyncio.run(_serve(app, settings, None, _one_call(app, args.to, args.from_)))
-    return asyncio.run(_serve(app, settings, args.hypercorn_config))
+        return asyncio.run(_serve(app, settings, options, _one_call(app, args.to, args.from_)))
+    return asyncio.run(_serve(app, settings, options))
 
 
 def _need_public_url(settings: Settings) -> None:
@@ -401,37 +416,30 @@ def _simulate(args: argparse.Namespace) -> int:
 async def _serve(
     app: Quart,
     settings: Settings,
-    hypercorn_config: str | None,
+    options: dict[str, Any],
     work: Callable[[], Awaitable[int]] | None = None,
 ) -> int:
-    """hypercorn, with our own SIGTERM/SIGINT handling: drain first (new calls are turned away
-    politely, active ones finish or hear a goodbye), then stop listening. A second signal
-    stops at once. `work`, if given, starts once the server listens, and its end (its exit
-    status) stops the server."""
-    from hypercorn.asyncio import serve
-    from hypercorn.config import Config
-
+    """uvicorn, with our own SIGTERM/SIGINT handling: drain first (new calls are turned away
+    politely, active ones finish or hear a goodbye), then stop listening; only then does
+    uvicorn close what sockets are left. A second signal stops at once. `work`, if given,
+    starts once the server listens, and its end (its exit status) stops the server."""
     from .server.app import drain
+    from .server.serving import Server, server_config
 
-    config = Config.from_toml(hypercorn_config) if hypercorn_config else Config()
-    config.bind = [f"{settings.host}:{settings.port}"]
-    if not hypercorn_config:
-        config.accesslog = None
-    if settings.log_format == "json":  # hypercorn's lines through our handlers, as JSON too
-        config.errorlog = logging.getLogger("hypercorn.error")
-        if config.accesslog is not None:
-            config.accesslog = logging.getLogger("hypercorn.access")
-    stop = asyncio.Event()
+    server = Server(server_config(app, settings.host, settings.port, options))
     draining: list[asyncio.Task[None]] = []
+
+    def stop() -> None:
+        server.should_exit = True
 
     async def drain_then_stop() -> None:
         await drain(app, settings.drain_s)
-        stop.set()
+        stop()
 
     def on_signal() -> None:
         if draining:
             log.warning("second signal: stopping now")
-            stop.set()
+            stop()
         else:
             log.info("shutting down: draining calls for up to %.0f s", settings.drain_s)
             draining.append(asyncio.create_task(drain_then_stop()))
@@ -452,11 +460,11 @@ async def _serve(
             await _listening(settings.host, settings.port)
             status.append(await work())
         finally:
-            stop.set()
+            stop()
 
     worker = asyncio.create_task(run_work(work)) if work is not None else None
     try:
-        await serve(app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
+        await server.serve()
     finally:
         if worker is not None:
             worker.cancel()
@@ -466,7 +474,7 @@ async def _serve(
 
 
 async def _listening(host: str, port: int) -> None:
-    """Returns once `host:port` takes connections: hypercorn binds only after the app's
+    """Returns once `host:port` takes connections: uvicorn binds only after the app's
     startup, and Twilio must not reach a closed port."""
     while True:
         try:

@@ -1,5 +1,5 @@
-"""A real telephony server (hypercorn on a loopback port) in a background thread, and the
-helpers end-to-end tests use to drive calls through it."""
+"""A real telephony server (uvicorn on a loopback port, as `telephony serve` runs it) in a
+background thread, and the helpers end-to-end tests use to drive calls through it."""
 
 from __future__ import annotations
 
@@ -11,19 +11,19 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from hypercorn.asyncio import serve
-from hypercorn.config import Config
 from prometheus_client.parser import text_string_to_metric_families
 from quart import Quart
 
 from telephony.call import CALL_TASKS
 from telephony.server.app import create_app
 from telephony.server.registry import CallRegistry
+from telephony.server.serving import DEFAULTS, Server, server_config
 from telephony.settings import Settings
 from telephony.testing.simulator import CallerSimulator
 
@@ -64,30 +64,38 @@ def running_server(tmp: Path, **overrides: object) -> Iterator[RunningServer]:
     values.update(overrides)
     settings = Settings(host="127.0.0.1", port=port, **values)  # type: ignore[arg-type]
     app = create_app(settings)
-    config = Config()
-    config.bind = [f"127.0.0.1:{port}"]
-    config.accesslog = None
+    server = Server(server_config(app, "127.0.0.1", port, DEFAULTS))
     loop = asyncio.new_event_loop()
-    stop = asyncio.Event()
-    started = threading.Event()
-
-    async def main() -> None:
-        loop.call_soon(started.set)
-        await serve(app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
-
-    thread = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
+    thread = threading.Thread(target=loop.run_until_complete, args=(server.serve(),), daemon=True)
     thread.start()
-    started.wait(10)
-    for _ in range(200):
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                break
+    for _ in range(500):
+        if server.started or not thread.is_alive():
+            break
         threading.Event().wait(0.02)
     try:
         yield RunningServer(f"http://127.0.0.1:{port}", settings, app, loop)
     finally:
-        loop.call_soon_threadsafe(stop.set)
+        server.should_exit = True
         thread.join(15)
+
+
+@asynccontextmanager
+async def serving(app: Quart, options: dict[str, Any] = DEFAULTS) -> AsyncIterator[str]:
+    """`app` served on a free loopback port by this loop, as the product's own server is;
+    yields its URL."""
+    port = free_port()
+    server = Server(server_config(app, "127.0.0.1", port, options))
+    task = asyncio.create_task(server.serve())
+    try:
+        while not server.started:
+            if task.done():
+                task.result()
+                raise AssertionError(f"the server on port {port} did not start")
+            await asyncio.sleep(0.01)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task
 
 
 @contextmanager

@@ -210,6 +210,7 @@ async def test_bad_signatures_get_403(server: RunningServer) -> None:
             async with connect(ws_url, additional_headers=headers):
                 pass
         assert rejected.value.response.status_code == 403
+        assert rejected.value.response.body == b"invalid Twilio signature\n"  # the app's answer
     after = urllib.request.Request(
         server.base_url + "/after-stream",
         data=b"CallSid=CA1&CallStatus=in-progress",

@@ -77,3 +77,19 @@ async def test_an_idle_server_stops_at_once(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(10) == 0
         assert time.monotonic() - started < 3
+
+
+async def test_a_second_signal_stops_during_the_drain(tmp_path: Path) -> None:
+    with echo_process(tmp_path, env={"TELEPHONY_DRAIN_S": "30"}, capture=True) as (proc, url):
+        async with place_call(url) as sim:
+            await asyncio.sleep(1.0)
+            proc.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.5)
+            assert proc.poll() is None and not sim.closed.is_set()  # draining
+            started = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(sim.closed.wait(), 10)
+        output, _ = proc.communicate(timeout=15)
+        assert proc.returncode == 0, output
+        assert time.monotonic() - started < 10
+    assert "second signal: stopping now" in output

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import socket
 from base64 import b64decode
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
@@ -16,8 +15,6 @@ from typing import Any, TypeVar
 
 import numpy as np
 import pytest
-from hypercorn.asyncio import serve
-from hypercorn.config import Config
 from quart import Quart, request, websocket
 
 from telephony.audio import mulaw_encode
@@ -34,6 +31,8 @@ from telephony.testing.simulator import (
 from telephony.testing.virtual_clock import run_virtual
 from telephony.twilio.media_stream import media_message
 from telephony.twilio.signatures import SignatureChecker
+
+from .server import serving
 
 T = TypeVar("T")
 PUBLIC = "https://voice.example"
@@ -389,14 +388,8 @@ def test_twiml_the_simulator_cannot_follow_fails_the_test() -> None:
         )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 async def test_over_loopback() -> None:
-    """The same over real HTTP and WebSockets (hypercorn on a loopback port), in real time."""
+    """The same over real HTTP and WebSockets (uvicorn on a loopback port), in real time."""
     server = FakeServer(
         {
             "/voice": twiml(connect(f"{PUBLIC}/after/1", "1")),
@@ -404,31 +397,14 @@ async def test_over_loopback() -> None:
             "/after/2": twiml("<Dial>+15551234567</Dial>"),
         }
     )
-    config = Config()
-    port = _free_port()
-    config.bind = [f"127.0.0.1:{port}"]
-    config.accesslog = None
-    stop = asyncio.Event()
-    serving = asyncio.create_task(serve(server.app, config, shutdown_trigger=stop.wait))  # type: ignore[arg-type]
-    try:
-        await until(lambda: _accepts(port), 5)
-        async with place_call(
-            f"http://127.0.0.1:{port}", auth_token=TOKEN, public_url=PUBLIC, call_sid=SID
-        ) as sim:
+    async with serving(server.app) as url:
+        async with place_call(url, auth_token=TOKEN, public_url=PUBLIC, call_sid=SID) as sim:
             (await server.leg(0)).hang_up()
             (await server.leg(1)).hang_up()
             await asyncio.wait_for(sim.closed.wait(), 5)
-    finally:
-        stop.set()
-        await serving
     assert sim.log.ended == "dial" and sim.log.transfers == ["+15551234567"]
     assert sim.log.digits_played == ["5"]
     assert [r.signature_problem for r in server.requests] == [None] * 3
     assert [r.form for r in server.requests[1:]] == [CALL_FORM, CALL_FORM]
     assert server.legs[1].start["start"]["callSid"] == SID
     assert server.legs[0].stream_sid != server.legs[1].stream_sid
-
-
-def _accepts(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0

@@ -11,8 +11,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-from hypercorn.asyncio import serve
-from hypercorn.config import Config
 from twilio.base.exceptions import TwilioRestException
 from twilio.rest import Client
 
@@ -27,12 +25,11 @@ from telephony.testing.twilio_rest import (
 )
 from telephony.twilio.media_stream import media_message
 
-from .server import free_port
+from .server import serving
 from .test_simulator_twiml import (
     PUBLIC,
     TOKEN,
     FakeServer,
-    _accepts,
     connect,
     noise,
     twiml,
@@ -55,18 +52,8 @@ async def app() -> AsyncIterator[tuple[FakeServer, str]]:
     server = FakeServer(
         {"/voice": twiml(connect(None, "outbound")), "/status": "", "/amd": "", "/fail": 500}
     )
-    config = Config()
-    port = free_port()
-    config.bind = [f"127.0.0.1:{port}"]
-    config.accesslog = None
-    stop = asyncio.Event()
-    serving = asyncio.create_task(serve(server.app, config, shutdown_trigger=stop.wait))  # type: ignore[arg-type]
-    await until(lambda: _accepts(port), 5)
-    try:
-        yield server, f"http://127.0.0.1:{port}"
-    finally:
-        stop.set()
-        await serving
+    async with serving(server.app) as url:
+        yield server, url
 
 
 @pytest.fixture
@@ -140,6 +127,8 @@ async def test_an_answered_call_from_request_to_completed(
     call = standin.calls[sid]
 
     leg = await server.leg(0)
+    # The stream's start reaches the application before the stand-in's thread holds the sim.
+    await standin.wait_for(lambda: call.sim is not None, 5)
     assert call.sim is not None and call.status == "in-progress"
     assert leg.signature_problem is None
     assert leg.start["start"]["callSid"] == sid

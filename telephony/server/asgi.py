@@ -1,4 +1,6 @@
-"""ASGI entry point for hypercorn (see Procfile): configuration comes from the environment."""
+"""ASGI entry point for a server run on its own (`uvicorn telephony.server.asgi:app`):
+configuration comes from the environment; that server's own signal handling applies, so calls
+are not drained on SIGTERM as under `telephony serve`."""
 
 from __future__ import annotations
 

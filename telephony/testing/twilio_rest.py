@@ -51,7 +51,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http import HTTPStatus
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import numpy as np
 from websockets.exceptions import InvalidHandshake
@@ -61,6 +61,9 @@ from ..twilio.signatures import SignatureChecker
 from .gemini_live import voiced_audio
 from .simulator import CallerSimulator, CallOver, WebhookError, answer_call
 from .standin import LoopbackService, in_thread
+
+if TYPE_CHECKING:
+    from ..server.serving import Server
 
 __all__ = [
     "ACCOUNT_SID",
@@ -472,7 +475,7 @@ class TwilioRestService(LoopbackService):
         self._signer = SignatureChecker(auth_token, "http://localhost")
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
+        self._server: Server | None = None
         self._serving: asyncio.Task[None] | None = None
 
     @property
@@ -498,9 +501,9 @@ class TwilioRestService(LoopbackService):
         return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(work, self._loop))
 
     async def start(self) -> None:
-        from hypercorn.asyncio import serve
-        from hypercorn.config import Config
         from quart import Quart
+
+        from ..server.serving import DEFAULTS, Server, server_config
 
         self._loop = asyncio.get_running_loop()
         app = Quart(__name__)
@@ -509,15 +512,9 @@ class TwilioRestService(LoopbackService):
         listener.bind(("127.0.0.1", 0))
         listener.listen()
         self.port = listener.getsockname()[1]
-        config = Config()
-        config.bind = [f"fd://{listener.detach()}"]
-        config.accesslog = None
-        config.loglevel = "WARNING"
-        config.graceful_timeout = 0.5
-        self._stop = asyncio.Event()
-        self._serving = asyncio.create_task(
-            serve(app, config, shutdown_trigger=self._stop.wait)  # type: ignore[arg-type]
-        )
+        options = {**DEFAULTS, "timeout_graceful_shutdown": 1}
+        self._server = Server(server_config(app, "127.0.0.1", self.port, options))
+        self._serving = asyncio.create_task(self._server.serve(sockets=[listener]))
 
     async def stop(self) -> None:
         """Ends every call still going (their simulators close), then the server."""
@@ -525,8 +522,8 @@ class TwilioRestService(LoopbackService):
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        if self._stop is not None and self._serving is not None:
-            self._stop.set()
+        if self._server is not None and self._serving is not None:
+            self._server.should_exit = True
             await self._serving
             self._serving = None
 
