@@ -13,10 +13,13 @@ from pathlib import Path
 
 import pytest
 from quart import Quart, websocket
+from websockets.asyncio.client import connect
 
 from telephony.cli import main
 from telephony.server.serving import (
     DEFAULTS,
+    QUEUE_HIGH,
+    MediaStreamProtocol,
     ServerConfigError,
     read_server_config,
     server_config,
@@ -37,7 +40,7 @@ def test_the_shipped_file_pings_without_closing_for_a_missing_pong() -> None:
     options = read_server_config(str(REPO / "config/server.toml"))
     config = server_config(Quart(__name__), "127.0.0.1", 8080, options)
     assert (config.ws, config.http, config.lifespan, config.log_config) == (
-        "websockets-sansio",
+        MediaStreamProtocol,
         "h11",
         "on",
         None,
@@ -142,3 +145,44 @@ async def test_a_stream_is_pinged_and_not_closed_for_the_missing_pongs() -> None
                 await asyncio.sleep(0.01)
         writer.close()
     assert received == ["still here"]
+
+
+@pytest.mark.parametrize("reader", ["keeps up", "falls behind"])
+async def test_a_stream_is_read_without_pausing_its_socket_per_message(
+    reader: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """uvicorn stops reading a WebSocket's socket after each message until the app takes it
+    (two epoll changes per Twilio frame); ours only once QUEUE_HIGH messages wait unread, and
+    reads on once the app has caught up. Every message arrives, in order."""
+    pauses: list[object] = []
+    pause = asyncio.selector_events._SelectorTransport.pause_reading  # type: ignore[attr-defined]
+
+    def counted(transport: object) -> None:
+        pauses.append(transport)
+        pause(transport)
+
+    monkeypatch.setattr(asyncio.selector_events._SelectorTransport, "pause_reading", counted)  # type: ignore[attr-defined]
+    app = Quart(__name__)
+    received: list[str] = []
+    behind = asyncio.Event()
+    count = 3 * QUEUE_HIGH
+
+    @app.websocket("/stream")
+    async def stream() -> None:
+        await websocket.accept()
+        if reader == "falls behind":
+            await behind.wait()
+        while len(received) < count:
+            received.append(await websocket.receive())
+        await websocket.send("done")
+
+    async with serving(app) as url, connect(url.replace("http", "ws") + "/stream") as ws:
+        for n in range(count):
+            await ws.send(f"message {n}")
+            if reader == "keeps up":
+                await asyncio.sleep(0.005)
+        await asyncio.sleep(0.2)
+        behind.set()
+        assert await asyncio.wait_for(ws.recv(), 5) == "done"
+    assert received == [f"message {n}" for n in range(count)]
+    assert len(pauses) == (0 if reader == "keeps up" else 1)
