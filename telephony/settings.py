@@ -121,12 +121,12 @@ class Settings:
     time computing, or would once every call admitted costs what calls have been measured to
     cost (0: never): the process has no time to spare, and one more call would make every
     call's answers late."""
-    call_cost: float = 0.06
+    call_cost: float = 0.025
     """Share of the event loop one call is assumed to take until calls have settled and their
     cost is measured: a burst into a fresh process is admitted up to MAX_LOOP_BUSY / this
-    (15). From the real path (`bench/realpath.py`: the Gemini agent through ADK and TLS), not
-    the echo agent (learnt at 1.5-1.6%, which skips it): a talking call costs 2-3.3% of a
-    core there, and every call was good up to 20 calls, not at 30."""
+    (36). From the real path (`bench/realpath.py`: the Gemini agent through ADK and TLS), not
+    the echo agent (which skips it): a talking call costs 1.6-2.6% of a core there, every call
+    was good at 40 calls (70% of a core), and at 50 the process was saturated."""
     drain_s: float = 30.0
     """On SIGTERM, how long active calls may go on (new ones are turned away) before they
     hear a goodbye and end."""
