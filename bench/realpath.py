@@ -93,8 +93,8 @@ class Process:
         log: Path | None = None,
     ) -> Process:
         """Started, once it accepts connections on `port`; its stderr goes to `log`."""
-        stderr = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 - the child's
-        self = cls(subprocess.Popen(args, env=env, cwd=cwd, stderr=stderr, text=True))
+        with open(log or os.devnull, "w") as stderr:  # the child keeps its own copy
+            self = cls(subprocess.Popen(args, env=env, cwd=cwd, stderr=stderr, text=True))
         ready = _listening(port)
         for _ in range(600):
             if self.proc.poll() is not None:
@@ -281,6 +281,7 @@ async def run_round(target: Target, calls: int, seconds: float, stand_in: int) -
     loop.set_default_executor(ThreadPoolExecutor(max_workers=min(calls, 64)))
     pid = target.process.pid
     idle_rss = rss_mb(pid)
+    log_at = target.log.stat().st_size if target.log else 0  # this round's lines only
     talking = asyncio.Event()
     left = [calls]
     end = [float("inf")]
@@ -332,7 +333,10 @@ async def run_round(target: Target, calls: int, seconds: float, stand_in: int) -
     for error in errors[:2]:
         print(f"      {target.name}: {error}", flush=True)
     if errors and target.log:
-        for line in target.log.read_text().splitlines()[-_LOG_LINES:]:
+        with target.log.open() as log:
+            log.seek(log_at)
+            lines = log.read().splitlines()
+        for line in lines[-_LOG_LINES:]:
             print(f"      {target.name} log: {line[:200]}", flush=True)
     lat = np.array(latencies or [np.nan]) * 1000
     return {

@@ -421,7 +421,8 @@ async def _serve(
 ) -> int:
     """uvicorn, with our own SIGTERM/SIGINT handling: drain first (new calls are turned away
     politely, active ones finish or hear a goodbye), then stop listening; only then does
-    uvicorn close what sockets are left. A second signal stops at once. `work`, if given,
+    uvicorn close what sockets are left. A second signal during the drain cuts it short.
+    `work`, if given,
     starts once the server listens, and its end (its exit status) stops the server."""
     from .server.app import drain
     from .server.serving import Server, server_config
@@ -437,7 +438,10 @@ async def _serve(
         stop()
 
     def on_signal() -> None:
-        if draining:
+        if server.should_exit:  # the drain is over; forcing uvicorn would skip the app's
+            # shutdown, and with it the session store's last writes
+            log.warning("second signal: already stopping (sockets closing, then the app)")
+        elif draining:
             log.warning("second signal: stopping now")
             stop()
         else:

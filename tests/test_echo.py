@@ -225,6 +225,30 @@ def test_comfort_noise_fades_in_and_is_the_same_every_call() -> None:
     assert np.abs(first[:16]).max() < np.abs(first[160:]).max() / 2
 
 
+@pytest.mark.parametrize("counts", [[320] * 25, [3200, 6400, 320, 640]])
+def test_comfort_noise_is_one_filtered_stream_whatever_is_asked(counts: list[int]) -> None:
+    """Asked for frame by frame or more than a block at once, across the blocks synthesized
+    ahead and a restart's fade, the samples are one stream: white noise (the seed's) through
+    the line's noise filter, scaled to its level, faded in at the start and after a restart."""
+    noise = ComfortNoise(seed=3)
+    frame = np.random.default_rng(2).normal(0, 300, 320)
+    for _ in range(10):
+        noise.observe(frame, float(np.dot(frame, frame)) / 320)
+    pieces = []
+    for n, count in enumerate(counts):
+        if n == 2:
+            noise.restart()
+        pieces.append(noise.generate(count))
+    got = np.concatenate(pieces)
+    white = np.random.default_rng(3).standard_normal(2 * sum(counts) + 10 * 3200)
+    shape = noise._shape
+    assert shape is not None
+    expected = np.convolve(white, shape)[: len(got)] * np.sqrt(noise.level)
+    for faded in (0, sum(counts[:2])):
+        expected[faded : faded + 64] *= np.linspace(0.0, 1.0, 64, endpoint=False)
+    assert np.abs(got - np.rint(expected)).max() <= 1.0
+
+
 def test_frames_are_judged_alike_whatever_the_chunks() -> None:
     """A chunk of several frames is judged frame by frame."""
     line = _line(seconds=8, noise=("line", 30), caller="stop", caller_at_s=AGENT_AT_S + 1.0)

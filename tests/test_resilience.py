@@ -143,7 +143,7 @@ def test_a_stalled_model_is_restarted(tmp_path: Path, caplog: pytest.LogCaptureF
     assert "the model is not reading: dropping the oldest caller audio" in caplog.text
     assert "the model reads caller audio again" in caplog.text
     # stalled at 3 s, 5 s of backlog kept, restarted at 23.7 s: the rest was dropped (to
-    # within the 100 ms pieces caller audio goes to the model in)
+    # within the 200 ms batches caller audio goes to the model in)
     found = re.search(r"dropped: caller audio ([\d.]+) s", caplog.text)
     assert found is not None and 15.3 <= float(found[1]) <= 15.5
 

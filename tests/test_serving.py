@@ -147,13 +147,14 @@ async def test_a_stream_is_pinged_and_not_closed_for_the_missing_pongs() -> None
     assert received == ["still here"]
 
 
-@pytest.mark.parametrize("reader", ["keeps up", "falls behind"])
+@pytest.mark.parametrize("sender", ["paced", "a burst"])
 async def test_a_stream_is_read_without_pausing_its_socket_per_message(
-    reader: str, monkeypatch: pytest.MonkeyPatch
+    sender: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """uvicorn stops reading a WebSocket's socket after each message until the app takes it
-    (two epoll changes per Twilio frame); ours only once QUEUE_HIGH messages wait unread, and
-    reads on once the app has caught up. Every message arrives, in order."""
+    (two epoll changes per Twilio frame); ours only once QUEUE_HIGH messages wait unread (a
+    burst read at once), and reads on once the app has taken them. Every message arrives, in
+    order."""
     pauses: list[object] = []
     pause = asyncio.selector_events._SelectorTransport.pause_reading  # type: ignore[attr-defined]
 
@@ -170,7 +171,7 @@ async def test_a_stream_is_read_without_pausing_its_socket_per_message(
     @app.websocket("/stream")
     async def stream() -> None:
         await websocket.accept()
-        if reader == "falls behind":
+        if sender == "a burst":
             await behind.wait()
         while len(received) < count:
             received.append(await websocket.receive())
@@ -179,10 +180,10 @@ async def test_a_stream_is_read_without_pausing_its_socket_per_message(
     async with serving(app) as url, connect(url.replace("http", "ws") + "/stream") as ws:
         for n in range(count):
             await ws.send(f"message {n}")
-            if reader == "keeps up":
+            if sender == "paced":
                 await asyncio.sleep(0.005)
         await asyncio.sleep(0.2)
         behind.set()
         assert await asyncio.wait_for(ws.recv(), 5) == "done"
     assert received == [f"message {n}" for n in range(count)]
-    assert len(pauses) == (0 if reader == "keeps up" else 1)
+    assert len(pauses) == (0 if sender == "paced" else 1)

@@ -110,7 +110,7 @@ class ComfortNoise:
         so comfort noise flows across frames."""
         self._unit: np.ndarray | None = None
         """Comfort noise at unit level synthesized ahead (NOISE_BLOCK at a time), handed out
-        from `_next`; None once the shape moved or a restart dropped it."""
+        from `_next`; None until the first is asked for."""
         self._next = 0
         self._peak = 0.0
         """The loudest sample of `_unit`: below full scale once scaled, no clipping needed."""
@@ -183,7 +183,7 @@ class ComfortNoise:
     def _synthesize(self, at_least: int = 0) -> None:
         """The next NOISE_BLOCK (or `at_least`) of unit-level noise, from where the last one
         was handed out to, so the noise flows on across blocks (what of it was not handed out
-        is made again: the shape moved)."""
+        is made again: the shape moved, or less was left than asked for)."""
         if self._unit is not None:
             self._excitation = self._excitation[self._next : self._next + NOISE_TAPS - 1]
         fresh = self._rng.standard_normal(max(NOISE_BLOCK, at_least))
