@@ -245,10 +245,10 @@ class WriteBehindSessionService(DatabaseSessionService):
     async def _write_behind(self) -> None:
         while True:
             await self._wake.wait()
-            self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(GATHER_S):
                     await self._hurry.wait()
+            self._wake.clear()  # the rows appended while gathering go now, not a cycle later
             while self._queued:
                 batch, self._queued = self._queued[:MAX_BATCH], self._queued[MAX_BATCH:]
                 await self._commit_or_retry(batch)
